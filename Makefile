@@ -1,0 +1,37 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Each creates (or reuses) .venv and installs what it needs; nothing is installed by hand.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo
+
+.PHONY: demo test install check proto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch comes in first and pinned: an unpinned resolve on these machines pulls a CUDA build of several GB.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[train,serve,client,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/vae-train --dataset digits --model cvae --out $(DEMO_DIR)/run
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $$(cd proto && find . -name '*.proto' | sed 's|^\./||' | sort)
+
+check: $(STAMP)
+	$(BIN)/ruff format --diff training export server client tests bench
+	$(BIN)/ruff check training export server client tests bench
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache
