@@ -35,6 +35,9 @@ __all__ = [
     "write_manifest",
     "verify_files",
     "check_graph_io",
+    "is_version_name",
+    "list_versions",
+    "load_version_manifest",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -49,6 +52,13 @@ _LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
 # The decoder output that holds the mean of p(x|z), by likelihood.
 MEAN_OUTPUT = {"bernoulli": "probs", "gaussian": "mean", "gaussian-learned": "mean"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+# A published version is a folder named by a positive decimal integer without leading zeros.
+# Anything else in a model folder (notably the exporter's ".staging-*" folders) is not a version.
+_VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
+# Files and folders of a version are published world-readable: the server may run as another
+# (non-root) user than the exporter, and mkstemp/mkdtemp create them private (0600/0700).
+FILE_MODE = 0o644
+DIR_MODE = 0o755
 
 
 class ManifestError(ValueError):
@@ -125,6 +135,8 @@ class ModelManifest:
     training_metrics: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    # Provenance: the checkpoint (path, sha256, epoch), the data set, the graphs' precision.
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean_output(self) -> str:
@@ -164,6 +176,7 @@ class ModelManifest:
             "training_metrics": dict(self.training_metrics),
             "parity": dict(self.parity),
             "created_at": self.created_at,
+            "source": dict(self.source),
         }
 
     @classmethod
@@ -210,6 +223,7 @@ class ModelManifest:
             training_metrics=r.mapping("training_metrics"),
             parity=r.mapping("parity"),
             created_at=str(data.get("created_at", "")),
+            source=r.mapping("source"),
         )
         _check_graph_contract(manifest, source)
         return manifest
@@ -429,11 +443,11 @@ def read_manifest(path: str | os.PathLike[str]) -> ModelManifest:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no manifest (expected {MANIFEST_FILE})") from None
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
     return ModelManifest.from_dict(data, source=str(path))
@@ -444,8 +458,10 @@ def write_manifest(manifest: ModelManifest, path: str | os.PathLike[str]) -> Non
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest.to_dict(), f, indent=2, sort_keys=False)
+            # allow_nan=False: NaN/Infinity are not JSON, and other clients' parsers reject them.
+            json.dump(manifest.to_dict(), f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -509,3 +525,59 @@ def check_graph_io(
                     f"{source}: {kind} '{name}' is {dtype}{dims} in the graph, "
                     f"manifest declares {spec.dtype}{list(spec.shape)}"
                 )
+
+
+def is_version_name(name: str) -> bool:
+    """True if ``name`` is a published version folder's name ("1", "2", ...; no leading 0)."""
+    return bool(_VERSION_RE.match(name))
+
+
+def list_versions(model_dir: str | os.PathLike[str]) -> list[int]:
+    """The published versions in ``<repository>/<name>``, ascending.
+
+    Folders that are not a version number are skipped: the exporter stages a version in a
+    folder starting with "." and renames it into place only once it is complete.
+
+    Raises:
+        NotADirectoryError: ``model_dir`` exists but is not a folder.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        return []
+    if not model_dir.is_dir():
+        raise NotADirectoryError(f"{model_dir}: expected a model folder of version folders")
+    return sorted(
+        int(entry.name)
+        for entry in model_dir.iterdir()
+        if is_version_name(entry.name) and entry.is_dir()
+    )
+
+
+def load_version_manifest(version_dir: str | os.PathLike[str]) -> ModelManifest:
+    """Read and fully verify one published version folder, ``<repository>/<name>/<version>``.
+
+    Checks the schema (``read_manifest``), that the folder is named after the manifest's
+    ``version`` and its parent after its ``name``, and each graph's file and sha256
+    (``verify_files``). The graphs' inputs/outputs need onnxruntime: see ``check_graph_io``.
+
+    Raises:
+        FileNotFoundError: no folder, or no manifest in it.
+        ManifestError: naming the file and the field that is wrong.
+    """
+    version_dir = Path(version_dir)
+    if not version_dir.is_dir():
+        raise FileNotFoundError(f"{version_dir}: no such version folder")
+    path = version_dir / MANIFEST_FILE
+    manifest = read_manifest(path)
+    if version_dir.name != str(manifest.version):
+        raise ManifestError(
+            f"{path}: field 'version' is {manifest.version}, but the version folder is "
+            f"named {version_dir.name!r}"
+        )
+    if version_dir.resolve().parent.name != manifest.name:
+        raise ManifestError(
+            f"{path}: field 'name' is {manifest.name!r}, but the model folder is "
+            f"named {version_dir.resolve().parent.name!r}"
+        )
+    verify_files(manifest, version_dir)
+    return manifest
