@@ -1,0 +1,371 @@
+"""VaeClient: a typed Python client of the ``vaeserve.v1`` gRPC API, returning numpy arrays.
+
+with VaeClient("localhost:8500") as client:
+    info = client.model_info("digits")
+    result = client.sample("digits", 16, label=3, seed=7)
+    result.samples  # (16, *info.sample_shape)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult, optional_tensor
+from client.retry import Retrier, RetryPolicy, call_with_retry
+from client.tensors import ENCODINGS, OUTPUTS, from_tensor, to_tensor
+from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+
+__all__ = ["VaeClient"]
+
+log = logging.getLogger(__name__)
+
+# The channel's own reconnect backoff grows to 120 s by default: after a server restart the
+# channel could sit out our whole retry budget before it tries to connect again.
+_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
+class VaeClient:
+    """A client of one or more vaeserve servers (client-side round robin, one channel each).
+
+    Calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are retried, on the next address,
+    with backoff and jitter until ``retry`` runs out; every other error is raised at once as
+    ``grpc.RpcError``. A ``sample_stream`` that breaks off resumes where it stopped: by the
+    sampling contract the continuation holds the same samples the broken stream would have.
+
+    Args:
+        addresses: "host:port", a comma-separated list of them, or a sequence.
+        tls: use TLS (with the system's roots unless ``root_certificates`` is given).
+        root_certificates / private_key / certificate_chain: PEM bytes for TLS (the latter two
+            for client authentication).
+        token: a bearer token, sent as ``authorization: Bearer <token>`` on every call.
+        timeout_s: default deadline of each attempt, in seconds (None: no deadline).
+        retry: the retry policy.
+        options: extra gRPC channel options.
+    """
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        token: str | None = None,
+        timeout_s: float | None = 30.0,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ):
+        if isinstance(addresses, str):
+            addresses = [a.strip() for a in addresses.split(",")]
+        self.addresses = [a for a in addresses if a]
+        if not self.addresses:
+            raise ValueError("addresses: expected at least one host:port")
+        channel_options = [*_CHANNEL_OPTIONS, *options]
+        if tls or root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            self._channels = [
+                grpc.secure_channel(a, creds, options=channel_options) for a in self.addresses
+            ]
+        else:
+            self._channels = [
+                grpc.insecure_channel(a, options=channel_options) for a in self.addresses
+            ]
+        self._stubs = [pb_grpc.VaeServiceStub(c) for c in self._channels]
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> VaeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _next_stub(self) -> pb_grpc.VaeServiceStub:
+        with self._lock:
+            return self._stubs[next(self._turn) % len(self._stubs)]
+
+    def _unary(self, method: str, request: Any, timeout_s: float | None) -> Any:
+        def attempt(deadline: float) -> Any:
+            rpc = getattr(self._next_stub(), method)
+            return rpc(request, timeout=deadline, metadata=self._metadata)
+
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        return call_with_retry(attempt, self.retry, timeout, what=method)
+
+    def list_models(self, timeout_s: float | None = None) -> list[pb.ModelVersionStatus]:
+        """Every model version the server knows, with its load state."""
+        return list(self._unary("ListModels", pb.ListModelsRequest(), timeout_s).models)
+
+    def model_info(self, model: str, version: int = 0, timeout_s: float | None = None) -> ModelInfo:
+        """The manifest of ``model`` (version 0: the highest loaded) and the server's limits.
+
+        Raises:
+            grpc.RpcError: NOT_FOUND for an unknown model or version.
+        """
+        request = pb.GetModelInfoRequest(model=pb.ModelRef(name=model, version=version))
+        return ModelInfo.from_proto(self._unary("GetModelInfo", request, timeout_s))
+
+    def sample(
+        self,
+        model: str,
+        num_samples: int,
+        *,
+        version: int = 0,
+        label: int | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        seed: int | None = None,
+        temperature: float | None = None,
+        output: str = "mean",
+        encoding: str = "float32",
+        return_latents: bool = False,
+        start_index: int = 0,
+        timeout_s: float | None = None,
+    ) -> SampleResult:
+        """Samples start_index..start_index+num_samples-1 of ``seed``, in one answer.
+
+        Args:
+            model: the model name.
+            num_samples: how many samples (at most the server's ``max_samples_per_request``).
+            version: 0 for the highest loaded version.
+            label: CVAE: the class of every sample; or
+            labels: CVAE: one class per sample.
+            seed: None: the server picks one and returns it in the result.
+            temperature: scale of the prior's standard deviation (None: 1.0).
+            output: "mean" (E[x|z]) or "draw" (one draw from p(x|z)).
+            encoding: "float32" (exact), "float16" or "uint8" (value range onto 0..255).
+            return_latents: also return z.
+            start_index: index of the first sample in the seed's sequence.
+            timeout_s: deadline of each attempt (None: the client's default).
+
+        Raises:
+            ValueError: an unknown ``output`` or ``encoding``.
+            grpc.RpcError: INVALID_ARGUMENT, NOT_FOUND, ... or a retryable code once the
+                retry policy is spent.
+        """
+        request = _sample_request(
+            model,
+            num_samples,
+            version=version,
+            label=label,
+            labels=labels,
+            seed=seed,
+            temperature=temperature,
+            output=output,
+            encoding=encoding,
+            return_latents=return_latents,
+            start_index=start_index,
+        )
+        return SampleResult.from_proto(self._unary("Sample", request, timeout_s))
+
+    def sample_stream(
+        self,
+        model: str,
+        num_samples: int,
+        *,
+        version: int = 0,
+        label: int | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        seed: int | None = None,
+        temperature: float | None = None,
+        output: str = "mean",
+        encoding: str = "float32",
+        return_latents: bool = False,
+        start_index: int = 0,
+        chunk_size: int = 0,
+        timeout_s: float | None = None,
+    ) -> Iterator[SampleResult]:
+        """The samples of ``sample``, as chunks of at most ``chunk_size`` (0: server default).
+
+        If the stream breaks with a retryable status, it is resumed after the last chunk
+        received, with the seed and model version of the first chunk, so the chunks together
+        are always the samples asked for. ``timeout_s`` bounds each attempt of the stream.
+
+        Raises:
+            grpc.RpcError: as ``sample``.
+        """
+        request = _sample_request(
+            model,
+            num_samples,
+            version=version,
+            label=label,
+            labels=labels,
+            seed=seed,
+            temperature=temperature,
+            output=output,
+            encoding=encoding,
+            return_latents=return_latents,
+            start_index=start_index,
+        )
+        received = 0
+        retrier = Retrier(self.retry, "SampleStream")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        while received < num_samples:
+            call = self._next_stub().SampleStream(
+                pb.SampleStreamRequest(request=_rest(request, received), chunk_size=chunk_size),
+                timeout=retrier.attempt_timeout(timeout),
+                metadata=self._metadata,
+            )
+            try:
+                for resp in call:
+                    chunk = SampleResult.from_proto(resp)
+                    # Pinned so that a resumed stream continues the same sequence and model.
+                    request.seed = chunk.seed
+                    request.model.version = chunk.model_version
+                    received += len(chunk.samples)
+                    retrier.progress()
+                    yield chunk
+            except grpc.RpcError as exc:
+                retrier.wait_or_raise(exc)
+                continue
+            finally:
+                call.cancel()
+            if received < num_samples:
+                raise RuntimeError(f"SampleStream ended after {received} of {num_samples} samples")
+
+    def encode(
+        self,
+        model: str,
+        x: np.ndarray,
+        *,
+        version: int = 0,
+        labels: Sequence[int] | np.ndarray | None = None,
+        num_draws: int = 0,
+        seed: int | None = None,
+        timeout_s: float | None = None,
+    ) -> EncodeResult:
+        """x (n, *sample_shape) → mu, logvar (n, latent_dim) of q(z|x[,y]), and draws of z."""
+        request = pb.EncodeRequest(
+            model=pb.ModelRef(name=model, version=version),
+            x=to_tensor(x),
+            labels=_labels(labels),
+            num_draws=num_draws,
+            seed=seed,
+        )
+        resp = self._unary("Encode", request, timeout_s)
+        return EncodeResult(
+            model_name=resp.model_name,
+            model_version=resp.model_version,
+            mu=from_tensor(resp.mu),
+            logvar=from_tensor(resp.logvar),
+            z=optional_tensor(resp, "z"),
+            seed=resp.seed,
+        )
+
+    def decode(
+        self,
+        model: str,
+        z: np.ndarray,
+        *,
+        version: int = 0,
+        labels: Sequence[int] | np.ndarray | None = None,
+        output: str = "mean",
+        seed: int | None = None,
+        encoding: str = "float32",
+        timeout_s: float | None = None,
+    ) -> DecodeResult:
+        """z (n, latent_dim) → x (n, *sample_shape): the mean, or a draw from p(x|z[,y])."""
+        request = pb.DecodeRequest(
+            model=pb.ModelRef(name=model, version=version),
+            z=to_tensor(np.asarray(z, dtype=np.float32)),
+            labels=_labels(labels),
+            output=_choice("output", output, OUTPUTS),
+            seed=seed,
+            encoding=_choice("encoding", encoding, ENCODINGS),
+        )
+        resp = self._unary("Decode", request, timeout_s)
+        return DecodeResult(
+            model_name=resp.model_name,
+            model_version=resp.model_version,
+            x=from_tensor(resp.x),
+            seed=resp.seed,
+        )
+
+    def reconstruct(
+        self,
+        model: str,
+        x: np.ndarray,
+        *,
+        version: int = 0,
+        labels: Sequence[int] | np.ndarray | None = None,
+        encoding: str = "float32",
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
+        """x → decode(mu(x)), (n, *sample_shape)."""
+        request = pb.ReconstructRequest(
+            model=pb.ModelRef(name=model, version=version),
+            x=to_tensor(x),
+            labels=_labels(labels),
+            encoding=_choice("encoding", encoding, ENCODINGS),
+        )
+        return from_tensor(self._unary("Reconstruct", request, timeout_s).x)
+
+
+def _sample_request(
+    model: str,
+    num_samples: int,
+    *,
+    version: int,
+    label: int | None,
+    labels: Sequence[int] | np.ndarray | None,
+    seed: int | None,
+    temperature: float | None,
+    output: str,
+    encoding: str,
+    return_latents: bool,
+    start_index: int,
+) -> pb.SampleRequest:
+    return pb.SampleRequest(
+        model=pb.ModelRef(name=model, version=version),
+        num_samples=num_samples,
+        label=label,
+        labels=_labels(labels),
+        seed=seed,
+        temperature=temperature,
+        output=_choice("output", output, OUTPUTS),
+        return_latents=return_latents,
+        encoding=_choice("encoding", encoding, ENCODINGS),
+        start_index=start_index,
+    )
+
+
+def _rest(request: pb.SampleRequest, received: int) -> pb.SampleRequest:
+    """``request`` less its first ``received`` samples."""
+    rest = pb.SampleRequest()
+    rest.CopyFrom(request)
+    rest.num_samples -= received
+    rest.start_index += received
+    del rest.labels[:received]
+    return rest
+
+
+def _labels(labels: Sequence[int] | np.ndarray | None) -> list[int] | None:
+    return None if labels is None else np.asarray(labels, dtype=np.int64).tolist()
+
+
+def _choice(name: str, value: str, options: dict[str, int]) -> int:
+    try:
+        return options[value]
+    except KeyError:
+        raise ValueError(f"{name}: expected one of {', '.join(options)}, got {value!r}") from None
