@@ -1,0 +1,240 @@
+"""Plain-data configuration of a model (ModelConfig) and of a training run (TrainConfig)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ARCHS",
+    "BINARIZE_MODES",
+    "CONDITIONINGS",
+    "DEFAULT_HIDDEN_DIMS",
+    "DEVICES",
+    "KINDS",
+    "LIKELIHOODS",
+    "ModelConfig",
+    "TrainConfig",
+]
+
+KINDS = ("vae", "cvae")
+CONDITIONINGS = ("concat", "prior")
+ARCHS = ("mlp", "conv")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
+BINARIZE_MODES = ("none", "static", "dynamic")
+DEVICES = ("auto", "cpu", "cuda")
+
+# For "mlp" these are layer widths; for "conv" they are channel counts of stride-2 convolutions.
+# The MLP widths were chosen by the experiments recorded in docs/training.md.
+DEFAULT_HIDDEN_DIMS = {"mlp": (512, 256), "conv": (32, 64)}
+
+
+def _fail(field_name: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"{field_name}: expected {expected}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise _fail(name, "one of " + ", ".join(repr(c) for c in choices), value)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(name, f"an integer >= {minimum}", value)
+
+
+def _check_float(name: str, value: Any, *, positive: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        raise _fail(name, "a positive finite number" if positive else "a finite number", value)
+
+
+def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise _fail(name, "a non-empty sequence of positive integers", value)
+    for item in value:
+        _check_int(name, item, 1)
+    return tuple(value)
+
+
+def _from_dict(cls: type, d: Any, tuple_fields: tuple[str, ...]) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected a dict, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    values = dict(d)
+    for name in tuple_fields:
+        if isinstance(values.get(name), list):
+            values[name] = tuple(values[name])
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a VAE/CVAE; stored in the checkpoint as plain values.
+
+    Construction validates every field and raises ValueError naming the field.
+    """
+
+    kind: str = "vae"  # "vae" | "cvae"
+    conditioning: str | None = None  # "concat" | "prior" for a CVAE, None for a VAE
+    arch: str = "mlp"  # "mlp" | "conv"
+    likelihood: str = "bernoulli"  # "bernoulli" | "gaussian" | "gaussian-learned"
+    data_shape: tuple[int, ...] = (1, 8, 8)  # (C, H, W) of one image
+    latent_dim: int = 16
+    hidden_dims: tuple[int, ...] = DEFAULT_HIDDEN_DIMS["mlp"]
+    num_classes: int | None = None  # number of labels of a CVAE, None for a VAE
+    gaussian_sigma: float = 0.1  # fixed decoder σ of the "gaussian" likelihood (pixel units)
+    logvar_min: float = -10.0  # clamp of the encoder's log σ² (keeps exp() finite)
+    logvar_max: float = 10.0
+    # Clamp of the decoder's log σ for "gaussian-learned": constant pixels (the blank border
+    # of a digit) would otherwise drive σ to 0 and the density to infinity.
+    log_sigma_min: float = -4.6  # σ >= 0.01
+    log_sigma_max: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_choice("kind", self.kind, KINDS)
+        if self.kind == "vae":
+            if self.conditioning is not None:
+                raise _fail("conditioning", "None for kind 'vae'", self.conditioning)
+            if self.num_classes is not None:
+                raise _fail("num_classes", "None for kind 'vae'", self.num_classes)
+        else:
+            _check_choice("conditioning", self.conditioning, CONDITIONINGS)
+            _check_int("num_classes", self.num_classes, 1)
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        shape = _int_tuple("data_shape", self.data_shape)
+        if len(shape) != 3:
+            raise _fail("data_shape", "(C, H, W)", self.data_shape)
+        object.__setattr__(self, "data_shape", shape)
+        _check_int("latent_dim", self.latent_dim, 1)
+        object.__setattr__(self, "hidden_dims", _int_tuple("hidden_dims", self.hidden_dims))
+        _check_float("gaussian_sigma", self.gaussian_sigma, positive=True)
+        for name in ("logvar_min", "logvar_max", "log_sigma_min", "log_sigma_max"):
+            _check_float(name, getattr(self, name))
+        if self.logvar_min >= self.logvar_max:
+            raise _fail("logvar_max", f"> logvar_min ({self.logvar_min})", self.logvar_max)
+        if self.log_sigma_min >= self.log_sigma_max:
+            raise _fail(
+                "log_sigma_max", f"> log_sigma_min ({self.log_sigma_min})", self.log_sigma_max
+            )
+
+    @property
+    def decoder_output_names(self) -> tuple[str, ...]:
+        """Names of the tensors `VAE.decode` returns, in order (also the ONNX output names)."""
+        return {
+            "bernoulli": ("probs",),
+            "gaussian": ("mean",),
+            "gaussian-learned": ("mean", "log_sigma"),
+        }[self.likelihood]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as plain values (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["data_shape"] = list(self.data_shape)
+        d["hidden_dims"] = list(self.hidden_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Builds a config from `to_dict()` output.
+
+        Raises:
+            ValueError: a field is unknown or has a bad value; the message names it.
+        """
+        return _from_dict(cls, d, ("data_shape", "hidden_dims"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: data, model choices and optimisation settings (the CLI's defaults)."""
+
+    dataset: str = "digits"  # digits | mnist:DIR | fashion-mnist:DIR | npz:PATH
+    model: str = "vae"  # "vae" | "cvae"
+    conditioning: str | None = None  # CVAE only; None means "concat"
+    likelihood: str = "bernoulli"
+    # None: "static" for a Bernoulli likelihood, else "none". Static, because 42% of the 8×8
+    # digits' pixels are grey: a fresh Bernoulli draw of them is mostly noise (docs/training.md).
+    binarize: str | None = None
+    arch: str = "mlp"
+    latent_dim: int = 16
+    hidden_dims: tuple[int, ...] | None = None  # None: DEFAULT_HIDDEN_DIMS[arch]
+    gaussian_sigma: float = 0.1
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 1.0  # weight of the KL term (β-VAE); 1 gives the ELBO
+    kl_warmup_epochs: int = 50  # β rises linearly from 0 over this many epochs
+    train_k: int = 5  # importance samples of the training objective; 1 trains the ELBO
+    eval_k: int = 1000  # importance samples of the final test NLL
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        _check_choice("model", self.model, KINDS)
+        if self.model == "vae" and self.conditioning is not None:
+            raise _fail("conditioning", "None for model 'vae'", self.conditioning)
+        if self.model == "cvae":
+            object.__setattr__(self, "conditioning", self.conditioning or "concat")
+            _check_choice("conditioning", self.conditioning, CONDITIONINGS)
+        _check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        if self.binarize is None:
+            default = "static" if self.likelihood == "bernoulli" else "none"
+            object.__setattr__(self, "binarize", default)
+        _check_choice("binarize", self.binarize, BINARIZE_MODES)
+        _check_choice("arch", self.arch, ARCHS)
+        dims = DEFAULT_HIDDEN_DIMS[self.arch] if self.hidden_dims is None else self.hidden_dims
+        object.__setattr__(self, "hidden_dims", _int_tuple("hidden_dims", dims))
+        for name in ("latent_dim", "epochs", "batch_size", "train_k", "eval_k"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("kl_warmup_epochs", self.kl_warmup_epochs, 0)
+        _check_int("seed", self.seed, 0)
+        _check_float("lr", self.lr, positive=True)
+        _check_float("beta", self.beta)
+        if self.beta < 0:
+            raise _fail("beta", "a number >= 0", self.beta)
+        _check_float("gaussian_sigma", self.gaussian_sigma, positive=True)
+        _check_choice("device", self.device, DEVICES)
+        if self.num_threads is not None:
+            _check_int("num_threads", self.num_threads, 1)
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise _fail("dataset", "a dataset spec string", self.dataset)
+
+    def model_config(self, data_shape: tuple[int, ...], num_classes: int | None) -> ModelConfig:
+        """Returns the ModelConfig of this run for data of `data_shape` with `num_classes`."""
+        return ModelConfig(
+            kind=self.model,
+            conditioning=self.conditioning,
+            arch=self.arch,
+            likelihood=self.likelihood,
+            data_shape=tuple(data_shape),
+            latent_dim=self.latent_dim,
+            hidden_dims=self.hidden_dims,
+            num_classes=num_classes if self.model == "cvae" else None,
+            gaussian_sigma=self.gaussian_sigma,
+        )
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """Returns a copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as plain values (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["hidden_dims"] = list(self.hidden_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Builds a config from `to_dict()` output.
+
+        Raises:
+            ValueError: a field is unknown or has a bad value; the message names it.
+        """
+        return _from_dict(cls, d, ("hidden_dims",))

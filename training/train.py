@@ -1,0 +1,404 @@
+"""The training loop: data → model → best-validation checkpoint, metrics.json and PNG grids.
+
+Run: vae-train --dataset digits --model vae --out runs/vae
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from training.atomic import write_atomically
+from training.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from training.config import (
+    ARCHS,
+    BINARIZE_MODES,
+    CONDITIONINGS,
+    DEFAULT_HIDDEN_DIMS,
+    DEVICES,
+    KINDS,
+    LIKELIHOODS,
+    TrainConfig,
+)
+from training.data import DatasetSplits, Split, load_dataset
+from training.evaluate import evaluate_model, finite_metrics, resolve_device, write_grids
+from training.losses import elbo_terms, iwae_bound, training_loss
+from training.model import VAE, build_model
+
+__all__ = ["RESUMABLE", "main", "resume_config", "train"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.json"
+_SAVE_INTERVAL_S = 10.0  # a resumable checkpoint at most this often, and after the last epoch
+_VAL_SEED = 12345  # the same ε every epoch, so validation ELBOs differ by the model alone
+_VAL_BATCH = 1024
+# Settings that a resumed run may change; every other one is the stored run's.
+RESUMABLE = ("epochs", "device", "num_threads", "eval_k")
+
+
+@dataclass
+class _Progress:
+    """What a resumed run needs besides weights and optimizer state."""
+
+    epoch: int = 0  # epochs finished
+    best_val_bound: float = -math.inf  # validation value of the training objective, β = 1
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def train(
+    config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Trains a model, keeps the best validation checkpoint and writes the run directory.
+
+    Args:
+        config: the run's settings; with `resume`, they may differ from the stored ones only
+            in the fields named in RESUMABLE (see `resume_config`).
+        out_dir: run directory: checkpoint.pt, metrics.json, samples.png, reconstructions.png.
+        resume: continue the run stored in `out_dir` up to `config.epochs` epochs.
+        progress: show a progress bar.
+
+    Returns:
+        The metrics written to metrics.json.
+
+    Raises:
+        FileNotFoundError: missing data, or no checkpoint to resume.
+        ValueError: bad settings or data; `out_dir` already holds a run and resume is False.
+        RuntimeError: the loss became NaN or infinite.
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    stored = _stored_run(config, ckpt_path) if resume else None
+    try:  # before any work: an unusable --out must not surface after a whole training run
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out: {out_dir} is not a usable folder ({exc.strerror})") from exc
+    if stored is None and ckpt_path.exists():
+        raise ValueError(
+            f"--out: {out_dir} already holds {CHECKPOINT_NAME}; pass --resume to continue it "
+            "or choose another --out"
+        )
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    splits = load_dataset(config.dataset, binarize=config.binarize)
+    if config.model == "cvae" and splits.num_classes is None:
+        raise ValueError(f"model: a CVAE needs labels; dataset {config.dataset} has none")
+    model_config = config.model_config(splits.shape, splits.num_classes)
+    torch.manual_seed(config.seed)
+    model = build_model(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    state = _Progress(best_state=_copy_state(model))
+    if stored is not None:
+        state = _restore(stored.resume, model, optimizer, stored.state_dict, device)
+    logger.info("device %s, %s, data %s", device, model_config, splits.info()["sizes"])
+
+    def save(metrics: dict[str, Any] | None = None, resume: dict[str, Any] | None = None) -> None:
+        save_checkpoint(
+            ckpt_path,
+            model_config=model_config,
+            state_dict=state.best_state,
+            train_config=config.to_dict(),
+            data_info=splits.info(),
+            metrics=metrics or {},
+            epoch=state.epoch,
+            resume=resume or _resume_state(state, model, optimizer, device),
+        )
+
+    _fit(model, optimizer, splits, config, state, device, save, progress)
+    last = _resume_state(state, model, optimizer, device)  # before the best weights replace it
+    model.load_state_dict(state.best_state)
+    metrics = _final_metrics(model, splits, config, state, device)
+    save(metrics, last)
+    _write_json(out_dir / METRICS_NAME, metrics)
+    write_grids(model, splits, out_dir, seed=config.seed, device=device)
+    logger.info("metrics: %s", json.dumps(metrics))
+    return metrics
+
+
+def _stored_run(config: TrainConfig, ckpt_path: Path) -> Checkpoint:
+    stored = load_checkpoint(ckpt_path)
+    if stored.resume is None:
+        raise ValueError(f"{ckpt_path}: holds no resume state")
+    before = TrainConfig.from_dict(stored.train_config).to_dict()
+    changed = [
+        name
+        for name, value in config.to_dict().items()
+        if name not in RESUMABLE and before[name] != value
+    ]
+    if changed:
+        raise ValueError(f"resume: settings differ from the stored run: {', '.join(changed)}")
+    return stored
+
+
+def _final_metrics(
+    model: VAE, splits: DatasetSplits, config: TrainConfig, state: _Progress, device: torch.device
+) -> dict[str, Any]:
+    metrics = evaluate_model(model, splits, k=config.eval_k, seed=config.seed, device=device)
+    metrics.update(
+        epochs=state.epoch,
+        best_epoch=state.best_epoch,
+        best_val_bound_nats=state.best_val_bound,
+        train_seconds=round(state.train_seconds, 3),
+        parameters=sum(p.numel() for p in model.parameters()),
+        device=str(device),
+        torch_threads=torch.get_num_threads(),
+    )
+    return finite_metrics(metrics)
+
+
+def _fit(
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    splits: DatasetSplits,
+    config: TrainConfig,
+    state: _Progress,
+    device: torch.device,
+    save: Callable[[], None],
+    progress: bool,
+) -> None:
+    train_x, train_y = _tensors(splits.train, device)
+    val_x, val_y = _tensors(splits.val, device)
+    steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
+    bound_name = "val_elbo" if config.train_k == 1 else f"val_iwae{config.train_k}"
+    last_save = time.monotonic()
+    bar = tqdm(
+        range(state.epoch, config.epochs),
+        initial=state.epoch,
+        total=config.epochs,
+        desc="train",
+        unit="epoch",
+        disable=not progress,
+    )
+    for epoch in bar:
+        start = time.perf_counter()
+        # Dynamic binarization: a fresh Bernoulli draw of the grey training images each epoch.
+        x_epoch = torch.bernoulli(train_x) if splits.binarize == "dynamic" else train_x
+        loss = _train_epoch(model, optimizer, x_epoch, train_y, config, epoch * steps_per_epoch)
+        val_bound = _val_bound(model, val_x, val_y, config.train_k, device)
+        state.train_seconds += time.perf_counter() - start
+        state.epoch = epoch + 1
+        state.history.append({"epoch": epoch + 1, "loss": loss, "val_bound_nats": val_bound})
+        if val_bound > state.best_val_bound:
+            state.best_val_bound, state.best_epoch = val_bound, epoch + 1
+            state.best_state = _copy_state(model)
+        bar.set_postfix({"loss": f"{loss:.2f}", bound_name: f"{val_bound:.2f}"})
+        if time.monotonic() - last_save > _SAVE_INTERVAL_S or state.epoch == config.epochs:
+            save()
+            last_save = time.monotonic()
+    bar.close()
+
+
+def _train_epoch(
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    config: TrainConfig,
+    first_step: int,
+) -> float:
+    model.train()
+    order = torch.randperm(len(x)).to(x.device)
+    steps_per_epoch = math.ceil(len(x) / config.batch_size)
+    warmup_steps = config.kl_warmup_epochs * steps_per_epoch
+    total = 0.0
+    for i, start in enumerate(range(0, len(x), config.batch_size)):
+        idx = order[start : start + config.batch_size]
+        step = first_step + i
+        beta = config.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else config.beta
+        loss, _ = training_loss(model, x[idx], None if y is None else y[idx], beta, config.train_k)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged (loss {loss.item()}); try a lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+    return total / len(x)
+
+
+@torch.no_grad()
+def _val_bound(
+    model: VAE, x: torch.Tensor, y: torch.Tensor | None, k: int, device: torch.device
+) -> float:
+    """Validation value of the training objective at β = 1: the ELBO, or the k-sample IWAE
+    bound, whose best epoch comes long after the ELBO's (the ELBO falls as IWAE trains)."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(_VAL_SEED)
+    total = 0.0
+    for start in range(0, len(x), _VAL_BATCH):
+        xb, yb = x[start : start + _VAL_BATCH], None if y is None else y[start : start + _VAL_BATCH]
+        if k == 1:
+            total += elbo_terms(model, xb, yb, generator).elbo.sum().item()
+        else:
+            total += iwae_bound(model, xb, yb, k, generator=generator).sum().item()
+    return total / len(x)
+
+
+def _tensors(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x = torch.from_numpy(split.x).to(device)
+    return x, None if split.y is None else torch.from_numpy(split.y).to(device)
+
+
+def _copy_state(model: VAE) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _resume_state(
+    state: _Progress, model: VAE, optimizer: torch.optim.Optimizer, device: torch.device
+) -> dict[str, Any]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {
+        "model": _copy_state(model),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "rng": rng,
+        "best_val_bound": state.best_val_bound,
+        "best_epoch": state.best_epoch,
+        "history": state.history,
+        "train_seconds": state.train_seconds,
+        "epoch": state.epoch,
+    }
+
+
+def _restore(
+    resume: dict[str, Any],
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    best_state: dict[str, torch.Tensor],
+    device: torch.device,
+) -> _Progress:
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    torch.set_rng_state(resume["rng"]["cpu"])
+    if device.type == "cuda" and "cuda" in resume["rng"]:
+        torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+    return _Progress(
+        epoch=resume["epoch"],
+        best_val_bound=resume["best_val_bound"],
+        best_epoch=resume["best_epoch"],
+        best_state={k: v.to(device) for k, v in best_state.items()},
+        history=list(resume["history"]),
+        train_seconds=resume["train_seconds"],
+    )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    # Options left out stay unset (SUPPRESS), so that --resume can tell what was asked for.
+    p = argparse.ArgumentParser(
+        prog="vae-train",
+        description="Train a VAE or CVAE.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--dataset", help=f"digits | mnist:DIR | fashion-mnist:DIR | npz:PATH ({d.dataset})"
+    )
+    p.add_argument("--model", choices=KINDS, help=f"({d.model})")
+    p.add_argument("--conditioning", choices=CONDITIONINGS, help="CVAE only (concat)")
+    p.add_argument("--likelihood", choices=LIKELIHOODS, help=f"({d.likelihood})")
+    p.add_argument("--binarize", choices=BINARIZE_MODES, help="(static for bernoulli, else none)")
+    p.add_argument("--arch", choices=ARCHS, help=f"({d.arch})")
+    p.add_argument("--latent-dim", type=int, help=f"({d.latent_dim})")
+    p.add_argument(
+        "--hidden-dims",
+        type=int,
+        nargs="+",
+        help="MLP widths or conv channels "
+        f"({' '.join(map(str, DEFAULT_HIDDEN_DIMS['mlp']))} for mlp, "
+        f"{' '.join(map(str, DEFAULT_HIDDEN_DIMS['conv']))} for conv)",
+    )
+    p.add_argument(
+        "--gaussian-sigma", type=float, help=f"σ of --likelihood gaussian ({d.gaussian_sigma})"
+    )
+    p.add_argument("--epochs", type=int, help=f"({d.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"({d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate ({d.lr})")
+    p.add_argument("--beta", type=float, help=f"KL weight, 1 is the ELBO ({d.beta})")
+    p.add_argument("--kl-warmup-epochs", type=int, help=f"({d.kl_warmup_epochs})")
+    p.add_argument(
+        "--iwae-k",
+        type=int,
+        dest="train_k",
+        metavar="K",
+        help=f"samples of the IWAE objective; 1 is the ELBO ({d.train_k})",
+    )
+    p.add_argument("--eval-k", type=int, help=f"importance samples of the test NLL ({d.eval_k})")
+    p.add_argument("--seed", type=int, help=f"({d.seed})")
+    p.add_argument("--device", choices=DEVICES, help=f"({d.device})")
+    p.add_argument("--num-threads", type=int, help="torch threads (torch's default)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=False,
+        help="continue the run in --out; only "
+        + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
+        + " may be given with it",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", default=False, help="hide the progress bar"
+    )
+    p.add_argument("--log-level", default="INFO", help="(INFO)")
+    return p
+
+
+def resume_config(out_dir: str | os.PathLike, **changes: Any) -> TrainConfig:
+    """Returns the stored TrainConfig of the run in `out_dir` with `changes` applied.
+
+    Raises:
+        FileNotFoundError: no checkpoint in `out_dir`.
+        ValueError: a change to a setting outside RESUMABLE, or a bad checkpoint.
+    """
+    fixed = sorted(set(changes) - set(RESUMABLE))
+    if fixed:
+        raise ValueError(
+            "resume: continues the stored settings; cannot change "
+            + ", ".join(fixed)
+            + f" (only {', '.join(RESUMABLE)})"
+        )
+    stored = load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
+    return TrainConfig.from_dict(stored.train_config).replace(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `vae-train`."""
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
+    out, resume = args.pop("out"), args.pop("resume")
+    progress, log_level = not args.pop("no_progress"), args.pop("log_level")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if "hidden_dims" in args:
+        args["hidden_dims"] = tuple(args["hidden_dims"])
+    try:
+        config = resume_config(out, **args) if resume else TrainConfig(**args)
+        metrics = train(config, out, resume=resume, progress=progress)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"vae-train: error: {exc}\n")
+    print(json.dumps(metrics, indent=2))
+    return 0
