@@ -146,18 +146,20 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., conditioning: _Optional[str] = ..., latent_dim: _Optional[int] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., sample_dtype: _Optional[_Union[DataType, str]] = ..., value_low: _Optional[float] = ..., value_high: _Optional[float] = ..., likelihood: _Optional[str] = ..., encoder_inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., encoder_outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., decoder_inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., decoder_outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., available_versions: _Optional[_Iterable[int]] = ..., manifest_json: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_batch_size", "max_samples_per_request", "max_message_bytes", "max_stream_chunk_size", "default_stream_chunk_size")
+    __slots__ = ("max_batch_size", "max_samples_per_request", "max_message_bytes", "max_stream_chunk_size", "default_stream_chunk_size", "max_stream_samples")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAM_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_STREAM_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_samples_per_request: int
     max_message_bytes: int
     max_stream_chunk_size: int
     default_stream_chunk_size: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_chunk_size: _Optional[int] = ..., default_stream_chunk_size: _Optional[int] = ...) -> None: ...
+    max_stream_samples: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_chunk_size: _Optional[int] = ..., default_stream_chunk_size: _Optional[int] = ..., max_stream_samples: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("model", "provider", "limits")

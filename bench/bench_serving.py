@@ -1,0 +1,326 @@
+"""Served Sample throughput and latency against onnxruntime in-process, on this machine.
+
+Run: python bench/bench_serving.py [--repository DIR --model NAME] [--window-s 1]
+
+Without --repository it exports a random-weight copy of DESIGN.md's reference model (MLP
+decoder 32 -> 512 -> 512 -> 784, Bernoulli, 1x28x28; weights do not change the speed) through
+vae-export's Python API, so it needs the train extra (torch) in this process only. Then:
+  1. the decoder in-process (the server's own OnnxRunner): samples/s at batch 1/64/1024/4096;
+  2. vae-serve in a subprocess, driven by grpc.aio clients in this process: Sample at
+     n = 1/64/1024/4096 with 1 and 16 concurrent clients (fp32, and uint8 for large n);
+  3. the same server with batching off (--max-batch-size 1): n = 1 with 16 clients.
+It prints one table: samples/s, p50/p99 latency, and each rate as a ratio to in-process.
+The load generator shares the machine's cores with the server, as a local client would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from server.app import keep_freed_memory
+from server.runner import CPU_PROVIDER, OnnxRunner
+from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+
+SIZES = (1, 64, 1024, 4096)
+WINDOWS = 3  # measurement windows per figure; the best one counts
+CLIENTS = (1, 16)
+MAX_MESSAGE = 64 << 20
+START_TIMEOUT_S = 120.0
+_SERVE = "import sys; from server.app import main; sys.exit(main())"
+
+
+@dataclass
+class Row:
+    label: str
+    n: int
+    clients: int
+    rate: float  # samples/s
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    ratio: float | None = None
+    cpu_ratio: float | None = None  # in-process CPU per sample ÷ (server + client) CPU per sample
+    server_cpu_us: float | None = None  # server process CPU time per request
+    client_cpu_us: float | None = None  # this process's CPU time per request
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def export_reference_model(root: Path) -> tuple[Path, str]:
+    """A random-weight reference model, exported as <root>/models/reference/1."""
+    import torch
+
+    from export.onnx_export import export_checkpoint
+    from training.checkpoint import save_checkpoint
+    from training.config import ModelConfig
+    from training.model import build_model
+
+    config = ModelConfig(data_shape=(1, 28, 28), latent_dim=32, hidden_dims=(512, 512))
+    torch.manual_seed(0)
+    model = build_model(config)
+    data_info = {  # no data set on disk: the exporter's parity gate uses synthetic images
+        "spec": f"npz:{root / 'absent.npz'}",
+        "shape": [1, 28, 28],
+        "value_range": [0.0, 1.0],
+        "binarize": "none",
+        "num_classes": None,
+        "class_names": [],
+        "split_seed": 0,
+    }
+    checkpoint = save_checkpoint(
+        root / "reference.pt",
+        model_config=config,
+        state_dict=model.state_dict(),
+        train_config={},
+        data_info=data_info,
+    )
+    export_checkpoint(checkpoint, root / "models", "reference", version=1)
+    return root / "models", "reference"
+
+
+def in_process_rates(decoder: Path, latent_dim: int, window_s: float) -> dict[int, Row]:
+    """Decoder samples/s at each batch size (best window), with the server's session options."""
+    runner = OnnxRunner(decoder, [CPU_PROVIDER])
+    rows = {}
+    for n in SIZES:
+        z = np.random.default_rng(0).standard_normal((n, latent_dim)).astype(np.float32)
+        for _ in range(3):
+            runner.run({"z": z})
+        best, total_runs, cpu = 0.0, 0, time.process_time()
+        for _ in range(WINDOWS):
+            runs, start = 0, time.perf_counter()
+            while time.perf_counter() - start < window_s:
+                runner.run({"z": z})
+                runs += 1
+            best = max(best, runs * n / (time.perf_counter() - start))
+            total_runs += runs
+        rows[n] = Row("in-process decoder (onnxruntime)", n, 1, best)
+        rows[n].server_cpu_us = (time.process_time() - cpu) / total_runs * 1e6
+    return rows
+
+
+class ServerProcess:
+    """vae-serve in a child process; its port is read from its log (kept in a file)."""
+
+    def __init__(self, repository: Path, model: str, log: Path, *flags: str):
+        command = [
+            sys.executable,
+            "-c",
+            _SERVE,
+            "--repository",
+            str(repository),
+            "--models",
+            model,
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            *flags,
+        ]
+        self.log = log
+        with open(log, "w") as f:
+            self.process = subprocess.Popen(command, stderr=f)
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            match = re.search(r"listening on \S+:(\d+)", text)
+            if match:
+                return int(match.group(1))
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vae-serve exited: {text}")
+            time.sleep(0.05)
+        raise RuntimeError(f"vae-serve did not start within {START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(START_TIMEOUT_S)
+
+
+async def wait_ready(stub: pb_grpc.VaeServiceStub, model: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            await stub.GetModelInfo(pb.GetModelInfoRequest(model=pb.ModelRef(name=model)))
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def drive(
+    stub, model: str, n: int, clients: int, window_s: float, encoding: int, server_pid: int
+) -> Row:
+    """``clients`` closed-loop callers of Sample(n): a warm-up, then WINDOWS windows.
+
+    The rate is the best window's: on shared cores a window loses whatever else ran in it.
+    Latencies are pooled over all windows. CPU time per request (server process, and this
+    process as the load generator) moves much less with other load, so it is reported too.
+    """
+    latencies: list[float] = []
+
+    async def client(i: int, until: float, record: bool) -> int:
+        seed, calls = 1 + 1_000_003 * (i + 1), 0
+        while time.perf_counter() < until:
+            request = pb.SampleRequest(
+                model=pb.ModelRef(name=model), num_samples=n, seed=seed + calls, encoding=encoding
+            )
+            start = time.perf_counter()
+            await stub.Sample(request, timeout=60)
+            if record:
+                latencies.append(time.perf_counter() - start)
+            calls += 1
+        return calls
+
+    await asyncio.gather(*(client(i, time.perf_counter() + 0.5, False) for i in range(clients)))
+    cpu = (process_cpu_s(server_pid), time.process_time())
+    best = 0.0
+    for _ in range(WINDOWS):
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(client(i, start + window_s, True) for i in range(clients)))
+        best = max(best, sum(counts) * n / (time.perf_counter() - start))
+    calls = len(latencies)
+    q = statistics.quantiles(latencies, n=100) if calls > 1 else latencies * 99
+    row = Row("", n, clients, best, q[49] * 1e3, q[98] * 1e3)
+    row.server_cpu_us = (process_cpu_s(server_pid) - cpu[0]) / calls * 1e6
+    row.client_cpu_us = (time.process_time() - cpu[1]) / calls * 1e6
+    return row
+
+
+async def served_rows(server: ServerProcess, model: str, cases, window_s: float) -> list[Row]:
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+    address = f"127.0.0.1:{server.port}"
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = pb_grpc.VaeServiceStub(channel)
+        await wait_ready(stub, model)
+        rows = []
+        for label, n, clients, encoding in cases:
+            row = await drive(stub, model, n, clients, window_s, encoding, server.process.pid)
+            row.label = label
+            rows.append(row)
+        return rows
+
+
+def serve_and_drive(repository, model, log, flags, cases, window_s) -> list[Row]:
+    server = ServerProcess(repository, model, log, *flags)
+    try:
+        return asyncio.run(served_rows(server, model, cases, window_s))
+    finally:
+        server.stop()
+
+
+def print_table(rows: list[Row], batching_gain: float) -> None:
+    head = (
+        "",
+        "n",
+        "clients",
+        "samples/s",
+        "p50 ms",
+        "p99 ms",
+        "÷ in-proc",
+        "CPU ratio",
+        "srv µs/req",
+        "cli µs/req",
+    )
+    print(f"{head[0]:34}" + "".join(f"{h:>11}" for h in head[1:]))
+    for r in rows:
+        cells = [f"{r.n}", f"{r.clients}", f"{r.rate:,.0f}"]
+        for value, form in (
+            (r.p50_ms, ".2f"),
+            (r.p99_ms, ".2f"),
+            (r.ratio, ".2f"),
+            (r.cpu_ratio, ".2f"),
+            (r.server_cpu_us, ",.0f"),
+            (r.client_cpu_us, ",.0f"),
+        ):
+            cells.append("" if value is None else format(value, form))
+        print(f"{r.label:34}" + "".join(f"{c:>11}" for c in cells))
+    print(f"\nbatch-1, 16 clients: batching on / batching off = {batching_gain:.2f}x")
+    print(
+        "CPU ratio: the in-process decoder's CPU time per sample over the server's and the "
+        "load generator's together;\nwhat the rate ratio would be on otherwise idle cores "
+        "that both sides keep busy. srv µs/req: the in-process run's CPU per batch."
+    )
+
+
+def measure(repository: Path, model: str, args: argparse.Namespace, tmp: Path) -> None:
+    """Every figure of the table, printed."""
+    from export.manifest import list_versions, load_version_manifest
+
+    version_dir = repository / model / str(max(list_versions(repository / model)))
+    manifest = load_version_manifest(version_dir)
+    decoder = version_dir / manifest.decoder.file
+    print(
+        f"model {model}: {decoder}; {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} at start"
+    )
+    keep_freed_memory()  # the load generator receives large answers too
+    inproc = in_process_rates(decoder, manifest.latent_dim, args.window_s)
+    fp32, u8 = pb.SAMPLE_ENCODING_FLOAT32, pb.SAMPLE_ENCODING_UINT8
+    cases = [("Sample fp32", n, c, fp32) for n in SIZES for c in CLIENTS]
+    cases += [("Sample uint8", n, c, u8) for n in SIZES[2:] for c in CLIENTS]
+    flags = shlex.split(args.serve_args)
+    log = tmp / "server.log"
+    served = serve_and_drive(repository, model, log, flags, cases, args.window_s)
+    off = [*flags, "--max-batch-size", "1", "--max-queue-delay-ms", "0"]
+    unbatched = serve_and_drive(
+        repository, model, log, off, [("Sample fp32, batching off", 1, 16, fp32)], args.window_s
+    )
+    again = in_process_rates(decoder, manifest.latent_dim, args.window_s)
+    inproc = {n: max(inproc[n], again[n], key=lambda r: r.rate) for n in SIZES}
+    rows = [inproc[n] for n in SIZES]
+    for row in served + unbatched:
+        base = inproc[row.n]
+        row.ratio = row.rate / base.rate
+        row.cpu_ratio = base.server_cpu_us / (row.server_cpu_us + row.client_cpu_us)
+        rows.append(row)
+    batched = next(r for r in served if (r.n, r.clients, r.label) == (1, 16, "Sample fp32"))
+    print_table(rows, batched.rate / unbatched[0].rate)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repository", type=Path, help="an existing model repository")
+    parser.add_argument("--model", help="the model to serve from --repository")
+    parser.add_argument(
+        "--window-s", type=float, default=1.0, help=f"seconds per window ({WINDOWS} per figure)"
+    )
+    parser.add_argument(
+        "--serve-args", default="", help='extra vae-serve flags, e.g. "--max-queue-delay-ms 2"'
+    )
+    args = parser.parse_args(argv)
+    if (args.repository is None) != (args.model is None):
+        parser.error("--repository and --model go together")
+    with tempfile.TemporaryDirectory(prefix="vaeserve-bench-") as tmp:
+        if args.repository is None:
+            repository, model = export_reference_model(Path(tmp))
+        else:
+            repository, model = args.repository, args.model
+        measure(repository, model, args, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""The gRPC server: builds it, starts it, loads the models, and shuts it down gracefully.
+
+Run: vae-serve --repository models [--host 0.0.0.0] [--port 8001] [--device auto|cpu|cuda]
+               [--max-batch-size 1024] [--max-queue-delay-ms 1]
+
+One port carries the typed API, the standard ``grpc.health.v1`` service (NOT_SERVING until
+every model is loaded and warm) and server reflection. Another front end (e.g. the Open
+Inference Protocol) is one more ``ServiceAdder`` in ``SERVICES``; cross-cutting concerns
+(auth, metrics) are ``interceptors``. SIGTERM: health goes NOT_SERVING, new calls get
+UNAVAILABLE, in-flight calls get ``grace_period_s`` to finish, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.errors import add_service
+from server.repository import ModelRegistry, RepositoryError
+from server.runner import OnnxRunner, ProviderUnavailable, select_providers
+from server.servicer import VaeServicer
+from server.settings import ServerSettings
+from vaeserve_proto.v1 import vaeserve_pb2 as pb
+
+__all__ = ["ServiceAdder", "SERVICES", "VaeServer", "create_server", "serve", "main"]
+
+logger = logging.getLogger(__name__)
+
+# Shutdown waits until no new call has arrived for this long before gRPC stops accepting.
+_QUIET_S = 0.05
+# mallopt(3) parameters of glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Adds one servicer to the server and returns the full names of the services it added.
+ServiceAdder = Callable[[grpc.aio.Server, ModelRegistry, ServerSettings], Sequence[str]]
+
+
+def add_typed_api(
+    server: grpc.aio.Server, registry: ModelRegistry, settings: ServerSettings
+) -> Sequence[str]:
+    service = pb.DESCRIPTOR.services_by_name["VaeService"]
+    return [add_service(server, service, VaeServicer(registry, settings))]
+
+
+SERVICES: tuple[ServiceAdder, ...] = (add_typed_api,)
+
+
+class VaeServer:
+    """A grpc.aio server and what it serves: the registry and the health service."""
+
+    def __init__(
+        self,
+        grpc_server: grpc.aio.Server,
+        registry: ModelRegistry,
+        health_servicer: health.aio.HealthServicer,
+        service_names: Sequence[str],
+        port: int,
+    ):
+        self.grpc_server = grpc_server
+        self.registry = registry
+        self.health = health_servicer
+        self.port = port
+        self._service_names = list(service_names)
+        self._load_task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Start answering (health NOT_SERVING) and load the models in the background."""
+        await self.grpc_server.start()
+        self._load_task = asyncio.get_running_loop().create_task(self._load(), name="load")
+
+    async def _load(self) -> None:
+        await self.registry.load()
+        if self.registry.count() == 0:
+            raise RepositoryError("no model version could be loaded; see the errors above")
+        for name in ("", *self._service_names):
+            await self.health.set(name, SERVING)
+        logger.info("ready: health is SERVING")
+
+    async def wait_ready(self) -> None:
+        """Return once every model is loaded and warm.
+
+        Raises:
+            RepositoryError: nothing could be loaded (or the repository is unusable).
+        """
+        assert self._load_task is not None, "start() first"
+        await asyncio.shield(self._load_task)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish, stop batchers."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        self.registry.drain()  # from here on, new calls get UNAVAILABLE from the servicers
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        loop = asyncio.get_running_loop()
+        end = None if grace_s is None else loop.time() + grace_s
+        if not await self._drained(end):
+            logger.warning(
+                "%d call(s) did not finish within the grace period", self.registry.in_flight
+            )
+        await self.grpc_server.stop(None if end is None else max(0.0, end - loop.time()))
+        await self.registry.close()
+        if self._load_task is not None:  # collect its outcome: cancelled, failed or done
+            await asyncio.gather(self._load_task, return_exceptions=True)
+
+    async def _drained(self, end: float | None) -> bool:
+        """Keep answering until in-flight calls are done and new ones stopped coming.
+
+        Once gRPC itself stops, a call it had accepted but not yet handed to a servicer
+        would end CANCELLED; until then, such calls reach us and get UNAVAILABLE.
+
+        Returns:
+            False if ``end`` (loop time) came first.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            refused = self.registry.refused
+            await asyncio.sleep(_QUIET_S)
+            if self.registry.in_flight == 0 and self.registry.refused == refused:
+                return True
+            if end is not None and loop.time() >= end:
+                return False
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def create_server(
+    settings: ServerSettings,
+    services: Sequence[ServiceAdder] = SERVICES,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[VaeServer, int]:
+    """Build the server and bind its port; call ``start()`` on the result to serve.
+
+    Must run inside the event loop that will serve it (grpc.aio binds to it).
+
+    Args:
+        services: the servicers to add besides health and reflection.
+        interceptors: grpc.aio server interceptors, outermost first.
+        credentials: TLS credentials; None binds an insecure port.
+
+    Returns:
+        (server, port): port is the bound one (useful with ``settings.port == 0``).
+
+    Raises:
+        ProviderUnavailable: ``settings.device`` is "cuda" and CUDA is not available.
+        RepositoryError: the repository folder does not exist.
+        RuntimeError: the address cannot be bound.
+    """
+    providers = select_providers(settings.device)
+    if not settings.repository.is_dir():
+        raise RepositoryError(f"repository {settings.repository} is not a folder")
+    registry = ModelRegistry(
+        settings,
+        lambda path: OnnxRunner(
+            path, providers, settings.intra_op_threads, settings.inter_op_threads
+        ),
+    )
+    grpc_server = grpc.aio.server(
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
+        ],
+    )
+    names = [name for add in services for name in add(grpc_server, registry, settings)]
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", *names):
+        await health_servicer.set(name, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server
+    )
+    address = _address(settings.host, settings.port)
+    if credentials is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, credentials)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
+    return VaeServer(grpc_server, registry, health_servicer, names, port), port
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(settings: ServerSettings) -> int:
+    """Serve until SIGTERM/SIGINT; return the process exit code."""
+    server, port = await create_server(settings)
+    await server.start()
+    logger.info("listening on %s", _address(settings.host, port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready = loop.create_task(server.wait_ready())
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if ready.done() and ready.exception() is not None:
+        logger.error("cannot serve: %s", ready.exception())
+        code = 1
+    else:
+        await stopping
+        logger.info("shutting down: in-flight calls get %.1f s", settings.grace_period_s)
+    stopping.cancel()
+    await server.stop(settings.grace_period_s)
+    logger.info("stopped")
+    return code
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed multi-MB buffers instead of handing them back to the OS.
+
+    Each large answer allocates several buffers of megabytes (graph output, wire bytes). By
+    default glibc maps and unmaps each one, and faulting in the fresh pages cost more than
+    the copies themselves: 10 ms of system time per 1024-sample answer, 1 ms after this
+    (docs/performance.md). The price is up to the trim threshold of memory kept mapped.
+    Variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set by an operator win.
+
+    Returns:
+        Whether the setting was applied (glibc only).
+    """
+    if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``vae-serve`` command."""
+    settings = ServerSettings.from_args(argv)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    keep_freed_memory()
+    try:
+        return asyncio.run(serve(settings))
+    except (ProviderUnavailable, RepositoryError, RuntimeError) as exc:
+        logger.error("cannot start: %s", exc)
+        return 2

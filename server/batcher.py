@@ -1,0 +1,315 @@
+"""DynamicBatcher: queued requests → one batched run on a worker thread → rows routed back.
+
+Requests queue in arrival order. A batch closes when it holds ``max_batch_size`` rows or
+when its oldest request has waited ``max_queue_delay_ms``; a request larger than a batch is
+split across batches, and several small ones share one. Rows in = rows out: each request
+gets exactly its rows, in order (pytriton's invariant). Requests whose client cancelled or
+whose deadline passed leave the queue without being computed. The run happens on a thread of
+the batcher's own (onnxruntime releases the GIL), so the event loop keeps accepting calls
+while a batch computes. If a batched run fails, each request of that batch is run alone, so
+one bad request never fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, NotServing, QueueFull
+from server.settings import BatchingSettings
+
+__all__ = ["Runner", "BatchStats", "DynamicBatcher", "THREAD_PREFIX"]
+
+logger = logging.getLogger(__name__)
+
+THREAD_PREFIX = "vaeserve-batcher"
+Arrays = dict[str, np.ndarray]
+
+
+class Runner(Protocol):
+    """What a batcher runs: a batch of named arrays in, named arrays with the same rows out."""
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> Arrays: ...
+
+
+@dataclass
+class BatchStats:
+    """Counters of one batcher, for tests, logs and (later) metrics."""
+
+    batches: int = 0
+    rows: int = 0
+    expired: int = 0  # dropped before compute: deadline passed in the queue
+    cancelled: int = 0  # dropped before compute: the caller went away
+    failed_runs: int = 0
+    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)  # rows
+    requests_per_batch: collections.Counter[int] = field(default_factory=collections.Counter)
+
+
+class _Request:
+    __slots__ = ("inputs", "rows", "deadline", "enqueued", "future", "taken", "done", "pieces")
+
+    def __init__(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        deadline: float | None,
+        enqueued: float,
+        future: asyncio.Future[Arrays],
+    ):
+        self.inputs = inputs
+        self.rows = rows
+        self.deadline = deadline
+        self.enqueued = enqueued
+        self.future = future
+        self.taken = 0  # rows handed to a batch so far
+        self.done = 0  # rows computed so far
+        self.pieces: list[Arrays] = []
+
+
+# One slice of a request inside a batch: (request, first row, end row).
+_Slice = tuple[_Request, int, int]
+
+
+class DynamicBatcher:
+    """Merges and splits concurrent requests into runs of at most ``max_batch_size`` rows.
+
+    Use from one asyncio event loop: ``await start()``, ``await run(inputs)``, ``await stop()``.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        settings: BatchingSettings,
+        name: str = "graph",
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """Args:
+        runner: does the work; called on the batcher's worker thread only.
+        name: for logs, errors and the worker thread's name (e.g. "digits/1/decoder").
+        clock: monotonic seconds; deadlines passed to ``run`` are on this clock.
+        """
+        self.name = name
+        self.stats = BatchStats()
+        self._runner = runner
+        self._max_rows = settings.max_batch_size
+        self._delay_s = settings.max_queue_delay_ms / 1000.0
+        self._max_queue = settings.max_queue_size
+        self._clock = clock
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_rows = 0  # rows not yet handed to a batch
+        self._waiter: asyncio.Future[None] | None = None
+        self._waiting_for_work = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{THREAD_PREFIX}-{name}")
+
+    async def start(self) -> None:
+        """Start the worker thread and the batching task on the running loop.
+
+        Never suspends: a caller that starts batchers and registers them in one step cannot
+        be cancelled in between (which would leave a thread nobody stops).
+        """
+        self._executor.submit(lambda: None)  # the pool starts its thread inside submit
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name=self.name)
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish every queued one, then end the worker thread."""
+        self._stopping = True
+        self._notify()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    async def run(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> Arrays:
+        """Compute ``inputs`` (all with the same number of rows, >= 1) as part of some batches.
+
+        Args:
+            deadline: on the batcher's clock; past it the request is dropped, not computed.
+
+        Returns:
+            The runner's outputs for exactly these rows, in order.
+
+        Raises:
+            QueueFull: ``max_queue_size`` requests are already waiting.
+            NotServing: the batcher is stopping.
+            DeadlineExceeded: the deadline passed before the request reached a batch.
+        """
+        if self._stopping:
+            raise NotServing(f"{self.name} is shutting down; retry on another replica")
+        if len(self._queue) >= self._max_queue:
+            raise QueueFull(
+                f"{self.name}: {self._max_queue} requests are already queued "
+                "(max_queue_size); retry with backoff"
+            )
+        rows = len(next(iter(inputs.values())))
+        assert rows > 0, "requests are validated to hold at least one row"
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(inputs, rows, deadline, self._clock(), future))
+        self._queued_rows += rows
+        if self._waiting_for_work or self._queued_rows >= self._max_rows:
+            self._notify()
+        return await future
+
+    # --- the batching task (event loop) ---
+
+    async def _serve(self) -> None:
+        try:
+            while True:
+                if not self._queue:
+                    if self._stopping:
+                        return
+                    self._waiting_for_work = True
+                    await self._sleep(None)
+                    self._waiting_for_work = False
+                    continue
+                await self._wait_for_company()
+                batch = self._take()
+                if batch:
+                    await self._execute(batch)
+        except BaseException as exc:
+            self._fail_all(exc)
+            raise
+
+    async def _wait_for_company(self) -> None:
+        while self._queued_rows < self._max_rows and not self._stopping:
+            remaining = self._queue[0].enqueued + self._delay_s - self._clock()
+            if remaining <= 0:
+                return
+            await self._sleep(remaining)
+
+    async def _sleep(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, self._notify)
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _notify(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _take(self) -> list[_Slice]:
+        """Up to max_batch_size rows from the head of the queue, dropping dead requests."""
+        batch: list[_Slice] = []
+        room = self._max_rows
+        now = self._clock()
+        while self._queue and room:
+            request = self._queue[0]
+            if request.future.done() or (request.deadline is not None and now >= request.deadline):
+                self._drop(self._queue.popleft())
+                continue
+            count = min(room, request.rows - request.taken)
+            batch.append((request, request.taken, request.taken + count))
+            request.taken += count
+            self._queued_rows -= count
+            room -= count
+            if request.taken == request.rows:
+                self._queue.popleft()
+        return batch
+
+    def _drop(self, request: _Request) -> None:
+        self._queued_rows -= request.rows - request.taken
+        if request.future.cancelled():
+            self.stats.cancelled += 1
+        elif not request.future.done():
+            self.stats.expired += 1
+            request.future.set_exception(
+                DeadlineExceeded(
+                    f"{self.name}: the deadline passed while the request waited in the queue; "
+                    "it was not computed"
+                )
+            )
+
+    async def _execute(self, batch: list[_Slice]) -> None:
+        rows = sum(end - start for _, start, end in batch)
+        self.stats.batches += 1
+        self.stats.rows += rows
+        self.stats.batch_sizes[rows] += 1
+        self.stats.requests_per_batch[len(batch)] += 1
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, self._compute, batch)
+        for (request, start, end), result in zip(batch, results, strict=True):
+            if request.future.done():
+                continue
+            if isinstance(result, BaseException):
+                request.future.set_exception(result)
+                continue
+            request.pieces.append(result)
+            request.done += end - start
+            if request.done == request.rows:
+                request.future.set_result(_join(request.pieces))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        logger.error("%s: batching task ended unexpectedly", self.name, exc_info=exc)
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                request.future.set_exception(NotServing(f"{self.name} stopped"))
+
+    # --- the worker thread ---
+
+    def _compute(self, batch: list[_Slice]) -> list[Arrays | BaseException]:
+        """Run one batch; on failure run each slice alone so only the culprit fails."""
+        try:
+            outputs = self._runner.run(_gather(batch))
+        except Exception as exc:
+            self.stats.failed_runs += 1
+            if len(batch) == 1:
+                return [exc]
+            logger.warning(
+                "%s: a run of %d requests failed (%r); running each alone",
+                self.name,
+                len(batch),
+                exc,
+            )
+            return [self._compute_alone(piece) for piece in batch]
+        return _scatter(outputs, batch)
+
+    def _compute_alone(self, piece: _Slice) -> Arrays | BaseException:
+        try:
+            return self._runner.run(_gather([piece]))
+        except Exception as exc:
+            self.stats.failed_runs += 1
+            return exc
+
+
+def _gather(batch: list[_Slice]) -> dict[str, np.ndarray]:
+    """The batch's inputs; a request that is a whole batch is passed on without a copy."""
+    request, start, end = batch[0]
+    if len(batch) == 1 and start == 0 and end == request.rows:
+        return dict(request.inputs)
+    names = request.inputs.keys()
+    return {name: np.concatenate([r.inputs[name][s:e] for r, s, e in batch]) for name in names}
+
+
+def _scatter(outputs: Mapping[str, np.ndarray], batch: list[_Slice]) -> list[Arrays]:
+    """Per-slice views of the batch's outputs (no copies)."""
+    pieces = []
+    offset = 0
+    for _, start, end in batch:
+        count = end - start
+        pieces.append({name: value[offset : offset + count] for name, value in outputs.items()})
+        offset += count
+    return pieces
+
+
+def _join(pieces: list[Arrays]) -> Arrays:
+    if len(pieces) == 1:
+        return pieces[0]
+    return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}

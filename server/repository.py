@@ -1,0 +1,263 @@
+"""The model registry: a repository folder → checked manifests, warm sessions and batchers.
+
+Layout: ``<repository>/<name>/<version>/{manifest.json, encoder.onnx, decoder.onnx}``. Each
+version is checked (manifest schema, file checksums, the graphs' real inputs/outputs against
+the manifest), warmed up, and given one batcher per graph. A version that fails any of this
+is logged and reported as FAILED while the others serve; ``latest`` is the highest loaded
+version. Servicers (the typed API, the Open Inference Protocol) share one registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.manifest import (
+    ModelManifest,
+    check_graph_io,
+    list_versions,
+    load_version_manifest,
+)
+from server.batcher import DynamicBatcher
+from server.errors import ModelNotFound, NotServing
+from server.runner import OnnxRunner, ProviderUnavailable
+from server.settings import ServerSettings
+
+__all__ = ["RepositoryError", "VersionStatus", "LoadedModel", "ModelRegistry"]
+
+logger = logging.getLogger(__name__)
+
+# Rows of the warm-up runs: the first run allocates, the larger one sizes the arenas.
+_WARMUP_ROWS = (1, 64)
+
+
+class RepositoryError(RuntimeError):
+    """The repository cannot be served at all (missing folder, unknown model asked for)."""
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """Load state of one version: "loading", "ready", "failed" or "unloading"."""
+
+    name: str
+    version: int
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A servable version: its manifest and one batcher per graph."""
+
+    manifest: ModelManifest
+    path: Path
+    provider: str
+    encoder: DynamicBatcher
+    decoder: DynamicBatcher
+    prior_means: np.ndarray | None  # (num_classes, latent_dim) float32 for a prior CVAE
+    manifest_json: str  # the file's text, verbatim, for GetModelInfo
+
+
+@dataclass(frozen=True)
+class _Sessions:
+    manifest: ModelManifest
+    manifest_json: str
+    path: Path
+    encoder: OnnxRunner
+    decoder: OnnxRunner
+
+
+RunnerFactory = Callable[[Path], OnnxRunner]
+
+
+class ModelRegistry:
+    """Every served version, by name and number; ``get`` is what servicers call."""
+
+    def __init__(self, settings: ServerSettings, runner_factory: RunnerFactory):
+        """Args:
+        runner_factory: opens one graph file (provider and threads already chosen).
+        """
+        self._settings = settings
+        self._open = runner_factory
+        self._models: dict[str, dict[int, LoadedModel]] = {}
+        self._status: dict[tuple[str, int], VersionStatus] = {}
+        self._ready = False
+        self._draining = False
+        self._in_flight = 0  # calls inside use(), so that shutdown can wait for them
+        self.refused = 0  # calls answered UNAVAILABLE, so that shutdown sees them stop coming
+
+    @property
+    def ready(self) -> bool:
+        """True once every version has been loaded (or has failed) and warmed up."""
+        return self._ready and not self._draining
+
+    def discover(self) -> list[Path]:
+        """The version folders to load, each marked "loading".
+
+        Raises:
+            RepositoryError: the repository is missing, or a model named in the settings
+                has no folder in it.
+        """
+        root = self._settings.repository
+        if not root.is_dir():
+            raise RepositoryError(f"repository {root} is not a folder")
+        names = self._settings.models or sorted(p.name for p in root.iterdir() if p.is_dir())
+        missing = [n for n in names if not (root / n).is_dir()]
+        if missing:
+            raise RepositoryError(f"models {missing} have no folder in repository {root}")
+        folders = []
+        for name in names:
+            for version in list_versions(root / name):
+                folders.append(root / name / str(version))
+                self._set(name, version, "loading")
+        return folders
+
+    async def load(self) -> None:
+        """Load, check and warm every discovered version, then mark the registry ready."""
+        folders = self.discover()
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="vaeserve-loader")
+        try:
+            for folder in folders:
+                name, version = folder.parent.name, int(folder.name)
+                try:
+                    sessions = await loop.run_in_executor(pool, self._open_version, folder)
+                except Exception as exc:  # noqa: BLE001 - one bad version must not stop the rest
+                    logger.error("skipping %s: %s", folder, exc, exc_info=not _expected(exc))
+                    self._set(name, version, "failed", str(exc))
+                    continue
+                await self._add(sessions)
+        finally:
+            # Cancelled (shutdown while loading): never block the loop on a version that is
+            # still loading; the thread ends once it is done.
+            pool.shutdown(wait=False)
+        self._ready = True
+        logger.info("serving %d version(s) of %d model(s)", self.count(), len(self._models))
+
+    def _open_version(self, folder: Path) -> _Sessions:
+        manifest = load_version_manifest(folder)
+        runners = {}
+        for role, spec in (("encoder", manifest.encoder), ("decoder", manifest.decoder)):
+            runner = self._open(folder / spec.file)
+            check_graph_io(spec, *runner.signature(), source=str(folder / spec.file))
+            for rows in _WARMUP_ROWS:
+                runner.run(_zeros(spec.inputs, min(rows, self._settings.batching.max_batch_size)))
+            runners[role] = runner
+        # What write_manifest wrote, without reading the file a second time.
+        text = json.dumps(manifest.to_dict(), indent=2) + "\n"
+        return _Sessions(manifest, text, folder, runners["encoder"], runners["decoder"])
+
+    async def _add(self, s: _Sessions) -> None:
+        m = s.manifest
+        batching = self._settings.batching
+        model = LoadedModel(
+            manifest=m,
+            path=s.path,
+            provider=s.decoder.provider,
+            encoder=DynamicBatcher(s.encoder, batching, name=f"{m.name}/{m.version}/encoder"),
+            decoder=DynamicBatcher(s.decoder, batching, name=f"{m.name}/{m.version}/decoder"),
+            prior_means=None
+            if m.prior_means is None
+            else np.asarray(m.prior_means, dtype=np.float32),
+            manifest_json=s.manifest_json,
+        )
+        # No suspension point from here to the registration (start() never suspends): a
+        # cancelled load cannot leave started batchers that close() would not find.
+        await model.encoder.start()
+        await model.decoder.start()
+        self._models.setdefault(m.name, {})[m.version] = model
+        self._set(m.name, m.version, "ready")
+        logger.info("loaded %s version %d on %s", m.name, m.version, model.provider)
+
+    def get(self, name: str, version: int = 0) -> LoadedModel:
+        """The served version ``version`` of ``name``; 0 means the highest loaded one.
+
+        Raises:
+            NotServing: still loading, or shutting down.
+            ModelNotFound: no such model, or no such loaded version.
+        """
+        if not self.ready:
+            self.refused += 1
+            raise NotServing(
+                "the server is shutting down; retry on another replica"
+                if self._draining
+                else "the server is still loading models; retry shortly"
+            )
+        versions = self._models.get(name)
+        if versions is None:
+            raise ModelNotFound(
+                f"model.name {name!r} is not served here; served models: {sorted(self._models)}"
+            )
+        if version == 0:
+            return versions[max(versions)]
+        model = versions.get(version)
+        if model is None:
+            raise ModelNotFound(
+                f"model.version {version} of {name!r} is not loaded; "
+                f"loaded versions: {sorted(versions)} (0 means the latest)"
+            )
+        return model
+
+    @contextlib.contextmanager
+    def use(self, name: str, version: int = 0) -> Iterator[LoadedModel]:
+        """``get`` for the length of one call; shutdown waits while any call is inside."""
+        model = self.get(name, version)
+        self._in_flight += 1
+        try:
+            yield model
+        finally:
+            self._in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def versions(self, name: str) -> list[int]:
+        """Loaded versions of ``name``, ascending."""
+        return sorted(self._models.get(name, {}))
+
+    def statuses(self) -> list[VersionStatus]:
+        """Every discovered version with its load state, by name then version."""
+        return [self._status[key] for key in sorted(self._status)]
+
+    def models(self) -> list[LoadedModel]:
+        """Every loaded version, by name then version."""
+        return [v[n] for _, v in sorted(self._models.items()) for n in sorted(v)]
+
+    def count(self) -> int:
+        return sum(len(v) for v in self._models.values())
+
+    def drain(self) -> None:
+        """Refuse new requests (UNAVAILABLE); queued and running ones still finish."""
+        self._draining = True
+
+    async def close(self) -> None:
+        """Stop every batcher after it has finished its queue."""
+        self.drain()
+        for model in self.models():
+            self._set(model.manifest.name, model.manifest.version, "unloading")
+            await model.encoder.stop()
+            await model.decoder.stop()
+
+    def _set(self, name: str, version: int, state: str, reason: str = "") -> None:
+        self._status[(name, version)] = VersionStatus(name, version, state, reason)
+
+
+def _expected(exc: Exception) -> bool:
+    # Bad files are the user's to fix and their message says how; anything else gets a trace.
+    return isinstance(exc, (ValueError, OSError, ProviderUnavailable))
+
+
+def _zeros(inputs: dict, rows: int) -> dict[str, np.ndarray]:
+    """A warm-up batch: zeros of every declared input (class 0 for labels)."""
+    return {
+        name: np.zeros((rows, *spec.shape[1:]), dtype=spec.dtype) for name, spec in inputs.items()
+    }

@@ -1,0 +1,221 @@
+"""The typed API (``vaeserve.v1.VaeService``): proto ↔ validated jobs ↔ server/pipeline.py.
+
+Each method is a few lines: find the model, validate once, run the shared pipeline, build
+the answer. Errors are mapped to status codes by ``map_errors`` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from server import pipeline
+from server.errors import map_errors
+from server.repository import LoadedModel, ModelRegistry
+from server.settings import ServerSettings
+from server.tensors import WIRE_DTYPES, encode_samples, from_array
+from server.validation import (
+    check_model_ref,
+    validate_chunk_size,
+    validate_decode,
+    validate_encode,
+    validate_reconstruct,
+    validate_sample,
+)
+from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+
+__all__ = ["SERVICE_NAME", "VaeServicer"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
+_STATES = {
+    "loading": pb.MODEL_STATE_LOADING,
+    "ready": pb.MODEL_STATE_READY,
+    "failed": pb.MODEL_STATE_FAILED,
+    "unloading": pb.MODEL_STATE_UNLOADING,
+}
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the batchers' clock (time.monotonic)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class VaeServicer(pb_grpc.VaeServiceServicer):
+    """Serves every model of ``registry`` under the limits of ``settings``."""
+
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings):
+        self._registry = registry
+        self._settings = settings
+
+    def _use(self, ref: pb.ModelRef) -> contextlib.AbstractContextManager[LoadedModel]:
+        return self._registry.use(*check_model_ref(ref))
+
+    @map_errors
+    async def ListModels(self, request, context):
+        statuses = [
+            pb.ModelVersionStatus(
+                name=s.name, version=s.version, state=_STATES[s.state], reason=s.reason
+            )
+            for s in self._registry.statuses()
+        ]
+        return pb.ListModelsResponse(models=statuses)
+
+    @map_errors
+    async def GetModelInfo(self, request, context):
+        model = self._registry.get(*check_model_ref(request.model))
+        return pb.GetModelInfoResponse(
+            model=_model_info(model, self._registry.versions(model.manifest.name)),
+            provider=model.provider,
+            limits=self._limits(),
+        )
+
+    @map_errors
+    async def Sample(self, request, context):
+        with self._use(request.model) as model:
+            job = validate_sample(request, model.manifest, self._settings)
+            samples = await pipeline.sample(model, job, _deadline(context))
+            return _sample_response(model, job, request, samples)
+
+    @map_errors
+    async def SampleStream(self, request, context) -> AsyncIterator[pb.SampleResponse]:
+        with self._use(request.request.model) as model:
+            job = validate_sample(request.request, model.manifest, self._settings, stream=True)
+            size = validate_chunk_size(request, model.manifest, self._settings)
+            chunks = _sample_chunks(model, job, size, _deadline(context))
+            async for part, samples in chunks:
+                yield _sample_response(model, part, request.request, samples)
+
+    @map_errors
+    async def Encode(self, request, context):
+        with self._use(request.model) as model:
+            job = validate_encode(request, model.manifest, self._settings)
+            result = await pipeline.encode(model, job, _deadline(context))
+            answer = pb.EncodeResponse(
+                model_name=model.manifest.name, model_version=model.manifest.version, seed=job.seed
+            )
+            from_array(result.mu, out=answer.mu)
+            from_array(result.logvar, out=answer.logvar)
+            if result.z is not None:
+                from_array(result.z, out=answer.z)
+            return answer
+
+    @map_errors
+    async def Decode(self, request, context):
+        with self._use(request.model) as model:
+            job = validate_decode(request, model.manifest, self._settings)
+            x = await pipeline.decode(model, job, _deadline(context))
+            answer = pb.DecodeResponse(
+                model_name=model.manifest.name, model_version=model.manifest.version, seed=job.seed
+            )
+            encode_samples(x, request.encoding, model.manifest.value_range, out=answer.x)
+            return answer
+
+    @map_errors
+    async def Reconstruct(self, request, context):
+        with self._use(request.model) as model:
+            job = validate_reconstruct(request, model.manifest, self._settings)
+            x = await pipeline.reconstruct(model, job, _deadline(context))
+            answer = pb.ReconstructResponse(
+                model_name=model.manifest.name, model_version=model.manifest.version
+            )
+            encode_samples(x, request.encoding, model.manifest.value_range, out=answer.x)
+            return answer
+
+    def _limits(self) -> pb.ServerLimits:
+        s = self._settings
+        return pb.ServerLimits(
+            max_batch_size=s.batching.max_batch_size,
+            max_samples_per_request=s.max_samples_per_request,
+            max_message_bytes=s.max_message_bytes,
+            max_stream_chunk_size=s.max_stream_chunk_size,
+            default_stream_chunk_size=s.default_stream_chunk_size,
+            max_stream_samples=s.max_stream_samples,
+        )
+
+
+def _sample_response(
+    model: LoadedModel,
+    job: pipeline.SampleJob,
+    request: pb.SampleRequest,
+    samples: pipeline.Samples,
+) -> pb.SampleResponse:
+    m = model.manifest
+    answer = pb.SampleResponse(
+        model_name=m.name, model_version=m.version, seed=job.seed, start_index=job.start
+    )
+    # Filled in place: assigning a built Tensor would copy its bytes once more.
+    encode_samples(samples.x, request.encoding, m.value_range, out=answer.samples)
+    if job.labels is not None:
+        from_array(job.labels, out=answer.labels)
+    if request.return_latents:
+        from_array(samples.z, out=answer.latents)
+    return answer
+
+
+async def _sample_chunks(
+    model: LoadedModel, job: pipeline.SampleJob, size: int, deadline: float | None
+) -> AsyncIterator[tuple[pipeline.SampleJob, pipeline.Samples]]:
+    """The job in parts of ``size`` samples; part k+1 computes while part k is being sent."""
+
+    def start(offset: int) -> tuple[pipeline.SampleJob, asyncio.Task[pipeline.Samples]] | None:
+        if offset >= job.count:
+            return None
+        part = job.rows(offset, min(size, job.count - offset))
+        return part, asyncio.ensure_future(pipeline.sample(model, part, deadline))
+
+    pending = start(0)
+    try:
+        for offset in range(size, job.count + size, size):
+            assert pending is not None
+            part, task = pending
+            samples = await task
+            pending = start(offset)
+            yield part, samples
+    finally:
+        if pending is not None:
+            _discard(pending[1])
+
+
+def _discard(task: asyncio.Task) -> None:
+    """Cancel a prefetched chunk nobody will read, and consume its outcome."""
+    if not task.done():
+        task.cancel()
+    else:
+        task.cancelled() or task.exception()
+
+
+def _tensor_infos(specs: dict) -> list[pb.TensorInfo]:
+    return [
+        pb.TensorInfo(name=name, dtype=WIRE_DTYPES[spec.dtype], shape=spec.shape)
+        for name, spec in specs.items()
+    ]
+
+
+def _model_info(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
+    m = model.manifest
+    return pb.ModelInfo(
+        name=m.name,
+        version=m.version,
+        kind=m.kind,
+        conditioning=m.conditioning or "",
+        latent_dim=m.latent_dim,
+        num_classes=m.num_classes or 0,
+        class_names=m.class_names,
+        sample_shape=m.sample_shape,
+        sample_dtype=WIRE_DTYPES[m.sample_dtype],
+        value_low=m.value_range[0],
+        value_high=m.value_range[1],
+        likelihood=m.likelihood,
+        encoder_inputs=_tensor_infos(m.encoder.inputs),
+        encoder_outputs=_tensor_infos(m.encoder.outputs),
+        decoder_inputs=_tensor_infos(m.decoder.inputs),
+        decoder_outputs=_tensor_infos(m.decoder.outputs),
+        available_versions=versions,
+        manifest_json=model.manifest_json,
+    )

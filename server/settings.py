@@ -1,0 +1,212 @@
+"""Server configuration as plain data, read from flags and VAESERVE_* variables in one place.
+
+Every flag ``--some-flag`` has the environment variable ``VAESERVE_SOME_FLAG``; a flag given
+on the command line wins over the variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEVICES", "ENV_PREFIX", "BatchingSettings", "ServerSettings"]
+
+DEVICES = ("auto", "cpu", "cuda")
+ENV_PREFIX = "VAESERVE_"
+_MIB = 1 << 20
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """How each graph's dynamic batcher forms batches (max_batch_size 1: batching off)."""
+
+    max_batch_size: int = 1024  # rows per onnxruntime run; larger requests are split
+    max_queue_delay_ms: float = 1.0  # how long the oldest queued request may wait for company
+    max_queue_size: int = 1024  # requests waiting per graph before RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch_size >= 1, "max_batch_size", "an integer >= 1", self.max_batch_size)
+        _check(
+            0 <= self.max_queue_delay_ms <= 10_000,
+            "max_queue_delay_ms",
+            "0..10000 milliseconds",
+            self.max_queue_delay_ms,
+        )
+        _check(self.max_queue_size >= 1, "max_queue_size", "an integer >= 1", self.max_queue_size)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything ``vae-serve`` can be told; built by ``from_args`` or ``from_env``."""
+
+    repository: Path
+    models: tuple[str, ...] = ()  # model names to serve; empty: every model in the repository
+    host: str = "127.0.0.1"  # 0.0.0.0 in a container
+    port: int = 8001  # 0: any free port (tests)
+    device: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 0  # onnxruntime threads per run; 0: one per physical core
+    inter_op_threads: int = 0  # 0: onnxruntime's default
+    max_samples_per_request: int = 4096  # rows of a Sample/Encode/Decode/Reconstruct call
+    max_stream_samples: int = 1 << 24  # num_samples of one SampleStream call
+    default_stream_chunk_size: int = 1024
+    max_stream_chunk_size: int = 4096
+    max_message_bytes: int = 64 * _MIB  # gRPC send/receive limit; 4096x784 fp32 is 12.8 MB
+    grace_period_s: float = 10.0  # how long in-flight calls may finish after SIGTERM
+    log_level: str = "INFO"
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "repository", Path(self.repository))
+        object.__setattr__(self, "models", tuple(self.models))
+        _check(self.device in DEVICES, "device", "one of " + ", ".join(DEVICES), self.device)
+        _check(0 <= self.port <= 65535, "port", "0..65535", self.port)
+        for name in ("intra_op_threads", "inter_op_threads"):
+            _check(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
+        for name in ("max_samples_per_request", "max_stream_samples", "max_stream_chunk_size"):
+            _check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        _check(
+            1 <= self.default_stream_chunk_size <= self.max_stream_chunk_size,
+            "default_stream_chunk_size",
+            f"1..max_stream_chunk_size ({self.max_stream_chunk_size})",
+            self.default_stream_chunk_size,
+        )
+        _check(
+            self.max_message_bytes >= _MIB, "max_message_bytes", ">= 1 MiB", self.max_message_bytes
+        )
+        _check(self.log_level in _LOG_LEVELS, "log_level", " | ".join(_LOG_LEVELS), self.log_level)
+        _check(self.grace_period_s >= 0, "grace_period_s", "seconds >= 0", self.grace_period_s)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
+        """Settings from VAESERVE_* variables (``os.environ`` by default), then ``overrides``.
+
+        Raises:
+            ValueError: a variable that does not parse, naming it and what was expected.
+        """
+        values = _defaults()
+        values.update(_from_environ(os.environ if environ is None else environ))
+        values.update(overrides)
+        return _build(values)
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> ServerSettings:
+        """Settings from command-line flags over VAESERVE_* variables over defaults.
+
+        Raises:
+            SystemExit: a flag that does not parse (argparse prints the usage).
+        """
+        parser = build_parser()
+        try:
+            values = _defaults()
+            values.update(_from_environ(os.environ if environ is None else environ))
+        except ValueError as exc:
+            parser.error(str(exc))
+        parser.set_defaults(**values)
+        args = vars(parser.parse_args(argv))
+        if args.get("repository") is None:
+            parser.error(f"--repository is required (or {ENV_PREFIX}REPOSITORY)")
+        try:
+            return _build(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+        raise AssertionError("unreachable")  # parser.error exits
+
+
+@dataclass(frozen=True)
+class _Flag:
+    name: str  # the dataclass field, also the flag (with '-') and the variable (upper case)
+    parse: Callable[[str], Any]
+    help: str
+
+
+def _models(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+_FLAGS = (
+    _Flag("repository", Path, "model repository: <dir>/<name>/<version>/manifest.json"),
+    _Flag("models", _models, "comma-separated model names to serve (default: all)"),
+    _Flag("host", str, "address to bind (default 127.0.0.1; 0.0.0.0 in a container)"),
+    _Flag("port", int, "port to bind; 0 picks a free one (default 8001)"),
+    _Flag("device", str, "onnxruntime device: auto (CUDA if available), cpu or cuda"),
+    _Flag("intra_op_threads", int, "onnxruntime threads within one run; 0: per core"),
+    _Flag("inter_op_threads", int, "onnxruntime threads across graph nodes; 0: default"),
+    _Flag("max_samples_per_request", int, "most rows in one unary call"),
+    _Flag("max_stream_samples", int, "most samples in one SampleStream call"),
+    _Flag("default_stream_chunk_size", int, "samples per streamed answer by default"),
+    _Flag("max_stream_chunk_size", int, "most samples per streamed answer"),
+    _Flag("max_message_bytes", int, "gRPC message size limit, both directions"),
+    _Flag("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM"),
+    _Flag("log_level", str, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    _Flag("max_batch_size", int, "rows per batched run; 1 switches batching off"),
+    _Flag("max_queue_delay_ms", float, "how long a request may wait to share a batch"),
+    _Flag("max_queue_size", int, "queued requests per graph before RESOURCE_EXHAUSTED"),
+)
+_BATCHING_FIELDS = frozenset(f.name for f in dataclasses.fields(BatchingSettings))
+
+
+def _defaults() -> dict[str, Any]:
+    values: dict[str, Any] = {"repository": None}
+    for f in dataclasses.fields(ServerSettings):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+    values.update(dataclasses.asdict(BatchingSettings()))
+    return values
+
+
+def _env_name(flag: _Flag) -> str:
+    return ENV_PREFIX + flag.name.upper()
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for flag in _FLAGS:
+        text = environ.get(_env_name(flag))
+        if text is None or text == "":
+            continue
+        try:
+            values[flag.name] = flag.parse(text)
+        except ValueError:
+            raise ValueError(
+                f"{_env_name(flag)}={text!r} is not valid: expected {flag.parse.__name__}"
+            ) from None
+    return values
+
+
+def _build(values: Mapping[str, Any]) -> ServerSettings:
+    if values.get("repository") is None:
+        raise ValueError(f"repository is required (--repository or {ENV_PREFIX}REPOSITORY)")
+    batching = BatchingSettings(**{k: v for k, v in values.items() if k in _BATCHING_FIELDS})
+    server = {k: v for k, v in values.items() if k not in _BATCHING_FIELDS}
+    return ServerSettings(**server, batching=batching)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vae-serve`` argument parser; defaults are filled in by ``from_args``."""
+    parser = argparse.ArgumentParser(
+        prog="vae-serve",
+        description="Serve VAE/CVAE models from a model repository over gRPC.",
+        epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}PORT=8001.",
+    )
+    for flag in _FLAGS:
+        option = "--" + flag.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": flag.name, "type": flag.parse, "help": flag.help}
+        if flag.name == "device":
+            kwargs["choices"] = DEVICES
+        if flag.name == "models":
+            kwargs["metavar"] = "NAME[,NAME...]"
+        parser.add_argument(option, **kwargs)
+    return parser
+
+
+def _check(ok: bool, name: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")

@@ -1,0 +1,110 @@
+"""Wire tensors (dtype + shape + little-endian bytes) to numpy and back, without extra copies.
+
+Requests are viewed in place with ``np.frombuffer``; answers are turned into bytes once with
+``tobytes``. Sample tensors may be sent compactly (float16, or uint8 over the model's value
+range), which cuts the transfer of a 4096x784 answer from 12.8 MB to 6.4 or 3.2 MB.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from server.errors import InvalidRequest
+from vaeserve_proto.v1 import vaeserve_pb2 as pb
+
+__all__ = [
+    "NUMPY_DTYPES",
+    "WIRE_DTYPES",
+    "dtype_name",
+    "to_array",
+    "from_array",
+    "encode_samples",
+    "decode_uint8",
+]
+
+# Wire dtype -> numpy dtype, little-endian whatever the host.
+NUMPY_DTYPES = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.INT64: np.dtype("<i8"),
+    pb.UINT8: np.dtype("u1"),
+}
+# numpy dtype name (as in the manifest) -> wire dtype.
+WIRE_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64, "uint8": pb.UINT8}
+_UINT8_MAX = 255.0
+
+
+def to_array(tensor: pb.Tensor, field: str) -> np.ndarray:
+    """A read-only numpy view of a wire tensor's bytes.
+
+    Raises:
+        InvalidRequest: unknown dtype, negative dimension, or a byte length that does not
+            match the shape; the message names ``field``.
+    """
+    dtype = NUMPY_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise InvalidRequest(
+            f"{field}.dtype is {dtype_name(tensor.dtype)}, "
+            "expected one of FLOAT32, FLOAT16, INT64, UINT8"
+        )
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"{field}.shape is {list(shape)}, expected non-negative dimensions")
+    data = tensor.data
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidRequest(
+            f"{field}.data holds {len(data)} bytes, expected {expected} "
+            f"({'x'.join(map(str, shape)) or 'scalar'} of {dtype.name})"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def dtype_name(wire_dtype: int) -> str:
+    """The enum name of a wire dtype, or its number when this server does not know it."""
+    try:
+        return pb.DataType.Name(wire_dtype)
+    except ValueError:
+        return str(wire_dtype)
+
+
+def from_array(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
+    """A wire tensor holding ``array`` (float32, float16, int64 or uint8).
+
+    Args:
+        out: a tensor field of an answer to fill in place; building a Tensor and assigning it
+            to the field would copy its bytes once more.
+    """
+    tensor = pb.Tensor() if out is None else out
+    tensor.dtype = WIRE_DTYPES[array.dtype.name]
+    tensor.shape.extend(array.shape)
+    tensor.data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return tensor
+
+
+def encode_samples(
+    x: np.ndarray, encoding: int, value_range: tuple[float, float], out: pb.Tensor | None = None
+) -> pb.Tensor:
+    """Sample tensors in the requested ``SampleEncoding`` (``out``: see ``from_array``).
+
+    UINT8 maps ``value_range`` linearly onto 0..255, rounding to nearest and clipping values
+    outside the range; ``decode_uint8`` inverts it up to half a step.
+    """
+    if encoding == pb.SAMPLE_ENCODING_FLOAT16:
+        return from_array(x.astype(np.float16), out)
+    if encoding == pb.SAMPLE_ENCODING_UINT8:
+        low, high = value_range
+        scale = _UINT8_MAX / (high - low)
+        q = np.multiply(x, np.float32(scale), dtype=np.float32)
+        q += np.float32(0.5 - low * scale)  # + 0.5, then truncation below rounds to nearest
+        np.clip(q, 0.0, _UINT8_MAX, out=q)
+        return from_array(q.astype(np.uint8), out)
+    return from_array(x.astype(np.float32, copy=False), out)
+
+
+def decode_uint8(q: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """float32 values of uint8-encoded samples (the inverse of ``encode_samples``)."""
+    low, high = value_range
+    return q.astype(np.float32) * np.float32((high - low) / _UINT8_MAX) + np.float32(low)

@@ -1,0 +1,252 @@
+"""DynamicBatcher against a numpy fake runner: merging, splitting, routing, dropping, failing.
+
+Each request is rows of (id, value); the fake runner answers 2 * value + 1 per row and records
+the ids of every batch it ran, so a test sees what was computed and who got which rows.
+Synchronisation uses events (a gate the runner waits on), never sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server.batcher import DynamicBatcher
+from server.errors import DeadlineExceeded, NotServing, QueueFull
+from server.settings import BatchingSettings
+
+WAIT_S = 10.0  # upper bound of any wait on the runner; never reached when the test passes
+POISON = -1.0
+
+
+class FakeRunner:
+    """y = 2 * value + 1 per row; a row holding POISON makes the whole run fail."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.gate = gate
+        self.started = threading.Event()
+        self.batches: list[list[int]] = []  # ids of the rows of each run, including failed ones
+
+    def run(self, inputs):
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(WAIT_S), "the test never opened the gate"
+        x = inputs["x"]  # (rows, 2): id, value
+        self.batches.append([int(i) for i in x[:, 0]])
+        if (x[:, 1] == POISON).any():
+            raise RuntimeError("poisoned row")
+        return {"id": x[:, 0].copy(), "y": 2 * x[:, 1] + 1}
+
+    def sizes(self) -> list[int]:
+        return [len(b) for b in self.batches]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rows(first_id: int, count: int, value: float = 1.0) -> dict[str, np.ndarray]:
+    ids = np.arange(first_id, first_id + count, dtype=np.float64)
+    return {"x": np.stack([ids, ids * 0 + value + ids], axis=1)}
+
+
+def expected(request: dict[str, np.ndarray]) -> np.ndarray:
+    return 2 * request["x"][:, 1] + 1
+
+
+def batching(max_batch_size=4, max_queue_delay_ms=50.0, max_queue_size=64) -> BatchingSettings:
+    return BatchingSettings(max_batch_size, max_queue_delay_ms, max_queue_size)
+
+
+async def started(runner: FakeRunner) -> None:
+    """Wait (off the loop) until the runner has begun a run."""
+    ok = await asyncio.get_running_loop().run_in_executor(None, runner.started.wait, WAIT_S)
+    assert ok, "the runner never started"
+
+
+def run_batcher(runner, settings, scenario, **kwargs):
+    """Run ``scenario(batcher)`` on a fresh loop with a started batcher, then stop it."""
+
+    async def main():
+        batcher = DynamicBatcher(runner, settings, name="test", **kwargs)
+        await batcher.start()
+        try:
+            return await scenario(batcher)
+        finally:
+            if runner.gate is not None:
+                runner.gate.set()
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_uneven_requests_are_merged_split_and_routed_in_order():
+    runner = FakeRunner()
+    requests = [rows(0, 2), rows(10, 3), rows(20, 1), rows(30, 9)]
+
+    async def scenario(batcher):
+        return await asyncio.gather(*(batcher.run(r) for r in requests))
+
+    results = run_batcher(runner, batching(max_batch_size=4), scenario)
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result["y"], expected(request))
+        np.testing.assert_array_equal(result["id"], request["x"][:, 0])
+    assert runner.sizes() == [4, 4, 4, 3]
+    assert runner.batches[0] == [0, 1, 10, 11]  # A whole, then the head of B
+    assert runner.batches[1] == [12, 20, 30, 31]  # B's tail, C, D's head
+
+
+def test_a_request_that_fills_a_batch_exactly_is_passed_without_copies():
+    runner = FakeRunner()
+    request = rows(0, 4)
+
+    async def scenario(batcher):
+        return await batcher.run(request)
+
+    run_batcher(runner, batching(max_batch_size=4), scenario)
+    assert runner.sizes() == [4]
+
+
+def test_one_bad_request_fails_alone_and_its_batch_mates_get_their_rows():
+    runner = FakeRunner()
+    good_a, bad, good_b = rows(0, 2), rows(10, 1, value=POISON - 10), rows(20, 1)
+
+    async def scenario(batcher):
+        return await asyncio.gather(
+            *(batcher.run(r) for r in (good_a, bad, good_b)), return_exceptions=True
+        )
+
+    result_a, error, result_b = run_batcher(runner, batching(max_batch_size=8), scenario)
+    assert isinstance(error, RuntimeError) and "poisoned" in str(error)
+    np.testing.assert_array_equal(result_a["y"], expected(good_a))
+    np.testing.assert_array_equal(result_b["y"], expected(good_b))
+    assert runner.batches == [[0, 1, 10, 20], [0, 1], [10], [20]]  # failed run, then each alone
+
+
+def test_a_failing_run_fails_only_its_own_batch():
+    runner = FakeRunner()
+    bad, later = rows(0, 1, value=POISON), rows(10, 2)
+
+    async def scenario(batcher):
+        with pytest.raises(RuntimeError, match="poisoned"):
+            await batcher.run(bad)
+        return await batcher.run(later), batcher.stats.failed_runs
+
+    result, failed_runs = run_batcher(runner, batching(max_queue_delay_ms=0), scenario)
+    np.testing.assert_array_equal(result["y"], expected(later))
+    assert failed_runs == 1
+
+
+def test_lone_request_is_released_after_the_max_queue_delay():
+    runner = FakeRunner()
+    delay_ms = 30.0
+
+    async def scenario(batcher):
+        start = time.monotonic()
+        result = await batcher.run(rows(0, 1))
+        return result, time.monotonic() - start
+
+    result, waited_s = run_batcher(runner, batching(max_queue_delay_ms=delay_ms), scenario)
+    assert runner.sizes() == [1]
+    assert waited_s >= delay_ms / 1000 * 0.9  # the loop's timer may round a little early
+
+
+def test_full_queue_raises_queue_full_and_admits_again_once_drained():
+    runner = FakeRunner(gate=threading.Event())
+
+    async def scenario(batcher):
+        first = asyncio.ensure_future(batcher.run(rows(0, 1)))
+        await started(runner)  # `first` is in the runner, the queue is empty
+        queued = [asyncio.ensure_future(batcher.run(rows(10 + i, 1))) for i in range(2)]
+        await asyncio.sleep(0)  # let both reach the queue
+        with pytest.raises(QueueFull, match="max_queue_size"):
+            await batcher.run(rows(99, 1))
+        runner.gate.set()
+        await asyncio.gather(first, *queued)
+        return await batcher.run(rows(50, 1))
+
+    result = run_batcher(runner, batching(max_queue_delay_ms=0, max_queue_size=2), scenario)
+    np.testing.assert_array_equal(result["y"], expected(rows(50, 1)))
+    assert 99 not in [i for batch in runner.batches for i in batch]
+
+
+def test_cancelled_and_expired_requests_are_dropped_before_compute():
+    runner = FakeRunner(gate=threading.Event())
+    clock = FakeClock()
+
+    async def scenario(batcher):
+        busy = asyncio.ensure_future(batcher.run(rows(0, 1)))
+        await started(runner)
+        expiring = asyncio.ensure_future(batcher.run(rows(10, 1), deadline=clock.now + 1.0))
+        cancelled = asyncio.ensure_future(batcher.run(rows(20, 1)))
+        alive = asyncio.ensure_future(batcher.run(rows(30, 1), deadline=clock.now + 100.0))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        clock.now += 2.0  # past `expiring`'s deadline, not `alive`'s
+        runner.gate.set()
+        await busy
+        with pytest.raises(DeadlineExceeded, match="not computed"):
+            await expiring
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await alive
+        return batcher.stats
+
+    stats = run_batcher(runner, batching(max_queue_delay_ms=0), scenario, clock=clock)
+    assert runner.batches == [[0], [30]]
+    assert (stats.expired, stats.cancelled) == (1, 1)
+
+
+def test_stop_finishes_queued_requests_then_refuses_new_ones():
+    runner = FakeRunner(gate=threading.Event())
+
+    async def main():
+        batcher = DynamicBatcher(runner, batching(max_batch_size=2), name="test")
+        await batcher.start()
+        pending = [asyncio.ensure_future(batcher.run(rows(10 * i, 3))) for i in range(3)]
+        await started(runner)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0)
+        with pytest.raises(NotServing):
+            await batcher.run(rows(99, 1))
+        runner.gate.set()
+        results = await asyncio.gather(*pending)
+        await stopping
+        return results
+
+    results = asyncio.run(main())
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], expected(rows(10 * i, 3)))
+    assert sum(runner.sizes()) == 9
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=8),
+    max_batch_size=st.integers(1, 10),
+)
+def test_every_request_gets_exactly_its_rows(sizes, max_batch_size):
+    runner = FakeRunner()
+    starts = np.cumsum([0, *sizes])[:-1] * 100
+    requests = [rows(int(s), n) for s, n in zip(starts, sizes, strict=True)]
+
+    async def scenario(batcher):
+        return await asyncio.gather(*(batcher.run(r) for r in requests))
+
+    results = run_batcher(runner, batching(max_batch_size, max_queue_delay_ms=1.0), scenario)
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result["id"], request["x"][:, 0])
+        np.testing.assert_array_equal(result["y"], expected(request))
+    assert max(runner.sizes()) <= max_batch_size
+    assert sum(runner.sizes()) == sum(sizes)

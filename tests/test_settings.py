@@ -1,0 +1,113 @@
+"""ServerSettings from flags, VAESERVE_* variables and defaults, in that order of precedence."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from server.settings import BatchingSettings, ServerSettings, build_parser
+
+
+def test_defaults_hold_a_4096_by_784_float32_answer():
+    s = ServerSettings.from_env({}, repository="models")
+    assert s.repository == Path("models") and s.models == ()
+    assert (s.host, s.port, s.device) == ("127.0.0.1", 8001, "auto")
+    assert s.batching == BatchingSettings()
+    assert s.max_message_bytes > 4096 * 784 * 4 + 4096 * 8  # samples + labels
+
+
+def test_environment_variables_are_read_and_parsed():
+    env = {
+        "VAESERVE_REPOSITORY": "/srv/models",
+        "VAESERVE_MODELS": "digits, fashion",
+        "VAESERVE_PORT": "9000",
+        "VAESERVE_DEVICE": "cpu",
+        "VAESERVE_MAX_BATCH_SIZE": "256",
+        "VAESERVE_MAX_QUEUE_DELAY_MS": "2.5",
+        "VAESERVE_GRACE_PERIOD_S": "3",
+        "VAESERVE_INTRA_OP_THREADS": "",  # empty means unset
+    }
+    s = ServerSettings.from_env(env)
+    assert s.repository == Path("/srv/models") and s.models == ("digits", "fashion")
+    assert (s.port, s.device, s.grace_period_s, s.intra_op_threads) == (9000, "cpu", 3.0, 0)
+    assert s.batching == BatchingSettings(max_batch_size=256, max_queue_delay_ms=2.5)
+
+
+def test_flags_win_over_environment_variables():
+    env = {"VAESERVE_REPOSITORY": "/from/env", "VAESERVE_PORT": "9000"}
+    argv = ["--port", "0", "--max-batch-size", "1", "--max-queue-delay-ms", "0"]
+    s = ServerSettings.from_args(argv, environ=env)
+    assert s.repository == Path("/from/env") and s.port == 0
+    assert s.batching == BatchingSettings(max_batch_size=1, max_queue_delay_ms=0.0)
+
+
+# One non-default value per flag, as text and as parsed; a new flag must be added here.
+EVERY_FLAG = {
+    "repository": ("/srv/models", Path("/srv/models")),
+    "models": ("a,b", ("a", "b")),
+    "host": ("0.0.0.0", "0.0.0.0"),
+    "port": ("9001", 9001),
+    "device": ("cpu", "cpu"),
+    "intra_op_threads": ("2", 2),
+    "inter_op_threads": ("3", 3),
+    "max_samples_per_request": ("100", 100),
+    "max_stream_samples": ("1000", 1000),
+    "default_stream_chunk_size": ("10", 10),
+    "max_stream_chunk_size": ("2000", 2000),
+    "max_message_bytes": ("2000000", 2_000_000),
+    "grace_period_s": ("1.5", 1.5),
+    "log_level": ("DEBUG", "DEBUG"),
+    "max_batch_size": ("7", 7),
+    "max_queue_delay_ms": ("0.5", 0.5),
+    "max_queue_size": ("8", 8),
+}
+
+
+def _value(settings: ServerSettings, name: str):
+    return getattr(settings.batching if hasattr(settings.batching, name) else settings, name)
+
+
+def test_every_flag_has_an_environment_variable_and_both_are_read():
+    dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert dests == set(EVERY_FLAG)
+    for name, (text, parsed) in EVERY_FLAG.items():
+        env = {"VAESERVE_REPOSITORY": "r", f"VAESERVE_{name.upper()}": text}
+        assert _value(ServerSettings.from_env(env), name) == parsed, name
+        argv = ["--" + name.replace("_", "-"), text]
+        assert (
+            _value(ServerSettings.from_args(argv, environ={"VAESERVE_REPOSITORY": "r"}), name)
+            == parsed
+        ), name
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        pytest.param({"VAESERVE_PORT": "eighty"}, "VAESERVE_PORT='eighty'", id="not-a-number"),
+        pytest.param({"VAESERVE_PORT": "70000"}, "port: expected 0..65535", id="port-range"),
+        pytest.param({"VAESERVE_MAX_BATCH_SIZE": "0"}, "max_batch_size", id="batch-size"),
+        pytest.param({"VAESERVE_DEVICE": "tpu"}, "device: expected one of", id="device"),
+        pytest.param(
+            {"VAESERVE_DEFAULT_STREAM_CHUNK_SIZE": "99999"},
+            "default_stream_chunk_size",
+            id="chunk-over-max",
+        ),
+    ],
+)
+def test_bad_values_are_refused_naming_the_setting(env, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServerSettings.from_env({"VAESERVE_REPOSITORY": "models", **env})
+
+
+def test_the_repository_is_required(capsys):
+    with pytest.raises(SystemExit):
+        ServerSettings.from_args([], environ={})
+    assert "--repository is required" in capsys.readouterr().err
+
+
+def test_bad_flags_exit_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        ServerSettings.from_args(["--repository", "m", "--device", "tpu"], environ={})
+    assert "invalid choice" in capsys.readouterr().err
