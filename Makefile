@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/vae-train --dataset digits --model cvae --out $(DEMO_DIR)/run
+	scripts/demo.sh $(DEMO_DIR)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $$(cd proto && find . -name '*.proto' | sed 's|^\./||' | sort)
