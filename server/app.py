@@ -1,13 +1,18 @@
 """The gRPC server: builds it, starts it, loads the models, and shuts it down gracefully.
 
 Run: vae-serve --repository models [--host 0.0.0.0] [--port 8001] [--device auto|cpu|cuda]
-               [--max-batch-size 1024] [--max-queue-delay-ms 1]
+               [--max-batch-size 1024] [--max-queue-delay-ms 1] [--metrics-port 9090]
+               [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-token-file F]
+               [--reload-interval S]
 
-One port carries the typed API, the standard ``grpc.health.v1`` service (NOT_SERVING until
-every model is loaded and warm) and server reflection. Another front end (e.g. the Open
-Inference Protocol) is one more ``ServiceAdder`` in ``SERVICES``; cross-cutting concerns
-(auth, metrics) are ``interceptors``. SIGTERM: health goes NOT_SERVING, new calls get
-UNAVAILABLE, in-flight calls get ``grace_period_s`` to finish, the process exits 0.
+One port carries the typed API, the Open Inference Protocol (KServe v2, with Triton's
+ModelConfig), the standard ``grpc.health.v1`` service (NOT_SERVING until every model is loaded
+and warm) and server reflection; each front end is a ``ServiceAdder`` in ``SERVICES``.
+Cross-cutting concerns are interceptors: the request observer (metrics, one log line per
+failed call), then bearer-token auth. Prometheus metrics are served on their own HTTP port.
+SIGHUP (and ``--reload-interval``) rescans the repository (server/reload.py). SIGTERM: health
+goes NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get ``grace_period_s`` to
+finish, the process exits 0.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import logging
 import os
 import platform
 import signal
-import sys
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -27,10 +31,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.errors import add_service
+from server.logs import configure_logging
+from server.metrics import MetricsEndpoint, ServerMetrics
+from server.observer import UNKNOWN_MODEL, RequestObserver
+from server.oip_servicer import GRAPHS, OipServicer
+from server.reload import Reloader, ReloadPlan
 from server.repository import ModelRegistry, RepositoryError
 from server.runner import OnnxRunner, ProviderUnavailable, select_providers
+from server.security import BearerTokenInterceptor, read_token, server_credentials
 from server.servicer import VaeServicer
 from server.settings import ServerSettings
+from vaeserve_proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 
 __all__ = ["ServiceAdder", "SERVICES", "VaeServer", "create_server", "serve", "main"]
@@ -56,7 +67,14 @@ def add_typed_api(
     return [add_service(server, service, VaeServicer(registry, settings))]
 
 
-SERVICES: tuple[ServiceAdder, ...] = (add_typed_api,)
+def add_inference_protocol(
+    server: grpc.aio.Server, registry: ModelRegistry, settings: ServerSettings
+) -> Sequence[str]:
+    service = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    return [add_service(server, service, OipServicer(registry, settings, registry.metrics))]
+
+
+SERVICES: tuple[ServiceAdder, ...] = (add_typed_api, add_inference_protocol)
 
 
 class VaeServer:
@@ -69,17 +87,34 @@ class VaeServer:
         health_servicer: health.aio.HealthServicer,
         service_names: Sequence[str],
         port: int,
+        settings: ServerSettings,
     ):
+        """Args:
+        settings: also the metrics port, its TLS files and the reload interval.
+        """
         self.grpc_server = grpc_server
         self.registry = registry
         self.health = health_servicer
         self.port = port
+        self.metrics_port: int | None = None  # once start() has bound it
+        self._settings = settings
         self._service_names = list(service_names)
         self._load_task: asyncio.Task[None] | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self.reloader = Reloader(
+            registry, settings.repository, settings.models, settings.reload_interval_s
+        )
         self._stopped = False
 
     async def start(self) -> None:
         """Start answering (health NOT_SERVING) and load the models in the background."""
+        s = self._settings
+        if s.metrics_port is not None:
+            tls = [None if p is None else str(p) for p in (s.tls_cert, s.tls_key, s.tls_client_ca)]
+            self._metrics_endpoint = MetricsEndpoint(
+                self.registry.metrics.registry, s.host, s.metrics_port, *tls
+            )
+            self.metrics_port = self._metrics_endpoint.port
         await self.grpc_server.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="load")
 
@@ -90,6 +125,11 @@ class VaeServer:
         for name in ("", *self._service_names):
             await self.health.set(name, SERVING)
         logger.info("ready: health is SERVING")
+        self.reloader.start()  # rescans only once the first load is done
+
+    async def reload(self) -> ReloadPlan:
+        """Rescan the repository now (what SIGHUP asks for) and return what changed."""
+        return await self.reloader.rescan()
 
     async def wait_ready(self) -> None:
         """Return once every model is loaded and warm.
@@ -105,6 +145,7 @@ class VaeServer:
         if self._stopped:
             return
         self._stopped = True
+        await self.reloader.stop()
         await self.health.enter_graceful_shutdown()
         self.registry.drain()  # from here on, new calls get UNAVAILABLE from the servicers
         if self._load_task is not None and not self._load_task.done():
@@ -119,6 +160,8 @@ class VaeServer:
         await self.registry.close()
         if self._load_task is not None:  # collect its outcome: cancelled, failed or done
             await asyncio.gather(self._load_task, return_exceptions=True)
+        if self._metrics_endpoint is not None:
+            await asyncio.to_thread(self._metrics_endpoint.close)
 
     async def _drained(self, end: float | None) -> bool:
         """Keep answering until in-flight calls are done and new ones stopped coming.
@@ -154,8 +197,9 @@ async def create_server(
 
     Args:
         services: the servicers to add besides health and reflection.
-        interceptors: grpc.aio server interceptors, outermost first.
-        credentials: TLS credentials; None binds an insecure port.
+        interceptors: more grpc.aio server interceptors, outermost first; they run inside
+            the request observer and the token check that ``settings`` asks for.
+        credentials: TLS credentials; None: those of ``settings.tls_*``, or an insecure port.
 
     Returns:
         (server, port): port is the bound one (useful with ``settings.port == 0``).
@@ -163,19 +207,28 @@ async def create_server(
     Raises:
         ProviderUnavailable: ``settings.device`` is "cuda" and CUDA is not available.
         RepositoryError: the repository folder does not exist.
+        ValueError: a TLS or token file that is missing, unreadable or malformed.
         RuntimeError: the address cannot be bound.
     """
     providers = select_providers(settings.device)
     if not settings.repository.is_dir():
         raise RepositoryError(f"repository {settings.repository} is not a folder")
+    credentials = credentials or _credentials(settings)
     registry = ModelRegistry(
         settings,
         lambda path: OnnxRunner(
             path, providers, settings.intra_op_threads, settings.inter_op_threads
         ),
+        ServerMetrics(settings.batching.max_batch_size),
     )
+    # Outermost first: the observer also counts and logs the calls that auth turns away.
+    guards: list[grpc.aio.ServerInterceptor] = [
+        RequestObserver(registry.metrics, _model_label(registry))
+    ]
+    if settings.auth_token_file is not None:
+        guards.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
     grpc_server = grpc.aio.server(
-        interceptors=list(interceptors),
+        interceptors=[*guards, *interceptors],
         options=[
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -197,7 +250,30 @@ async def create_server(
         port = grpc_server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
-    return VaeServer(grpc_server, registry, health_servicer, names, port), port
+    return VaeServer(grpc_server, registry, health_servicer, names, port, settings), port
+
+
+def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+    return server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+
+
+def _model_label(registry: ModelRegistry) -> Callable[[str], str]:
+    """Request metrics label a model by the name asked for, if served (the typed API's
+    ``NAME`` or the protocol's ``NAME-encoder``), else as one "unknown" label."""
+
+    def label(name: str) -> str:
+        if registry.versions(name):
+            return name
+        base, _, graph = name.rpartition("-")
+        return name if graph in GRAPHS and registry.versions(base) else UNKNOWN_MODEL
+
+    return label
 
 
 def _address(host: str, port: int) -> str:
@@ -213,6 +289,7 @@ async def serve(settings: ServerSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reloader.trigger)
     ready = loop.create_task(server.wait_ready())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -252,14 +329,10 @@ def keep_freed_memory() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``vae-serve`` command."""
     settings = ServerSettings.from_args(argv)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format)
     keep_freed_memory()
     try:
         return asyncio.run(serve(settings))
-    except (ProviderUnavailable, RepositoryError, RuntimeError) as exc:
+    except (ProviderUnavailable, RepositoryError, RuntimeError, ValueError) as exc:
         logger.error("cannot start: %s", exc)
         return 2

@@ -26,7 +26,7 @@ import numpy as np
 from server.errors import DeadlineExceeded, NotServing, QueueFull
 from server.settings import BatchingSettings
 
-__all__ = ["Runner", "BatchStats", "DynamicBatcher", "THREAD_PREFIX"]
+__all__ = ["Runner", "BatchObserver", "BatchStats", "DynamicBatcher", "THREAD_PREFIX"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,30 @@ class Runner(Protocol):
     """What a batcher runs: a batch of named arrays in, named arrays with the same rows out."""
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Arrays: ...
+
+
+class BatchObserver(Protocol):
+    """Told what a batcher does, as it happens (server/metrics.py counts it); must be cheap."""
+
+    def on_dequeue(self, queue_s: float) -> None:
+        """A request left the queue: for its first batch, or dropped before compute."""
+
+    def on_batch(self, rows: int, compute_s: float) -> None:
+        """One batched run of ``rows`` rows took ``compute_s`` seconds."""
+
+    def on_request(self, total_s: float, ok: bool) -> None:
+        """A request got its result (``ok``) or its error, ``total_s`` after ``run`` began."""
+
+
+class _Unobserved:
+    def on_dequeue(self, queue_s: float) -> None:
+        pass
+
+    def on_batch(self, rows: int, compute_s: float) -> None:
+        pass
+
+    def on_request(self, total_s: float, ok: bool) -> None:
+        pass
 
 
 @dataclass
@@ -90,11 +114,13 @@ class DynamicBatcher:
         settings: BatchingSettings,
         name: str = "graph",
         clock: Callable[[], float] = time.monotonic,
+        observer: BatchObserver | None = None,
     ):
         """Args:
         runner: does the work; called on the batcher's worker thread only.
         name: for logs, errors and the worker thread's name (e.g. "digits/1/decoder").
         clock: monotonic seconds; deadlines passed to ``run`` are on this clock.
+        observer: told of every dequeue, batched run and result (metrics).
         """
         self.name = name
         self.stats = BatchStats()
@@ -103,8 +129,10 @@ class DynamicBatcher:
         self._delay_s = settings.max_queue_delay_ms / 1000.0
         self._max_queue = settings.max_queue_size
         self._clock = clock
+        self._observer: BatchObserver = observer or _Unobserved()
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_rows = 0  # rows not yet handed to a batch
+        self._abandoned = 0  # callers that left since the last sweep; their entries may linger
         self._waiter: asyncio.Future[None] | None = None
         self._waiting_for_work = False
         self._stopping = False
@@ -146,9 +174,12 @@ class DynamicBatcher:
             NotServing: the batcher is stopping.
             DeadlineExceeded: the deadline passed before the request reached a batch.
         """
-        if self._stopping:
-            raise NotServing(f"{self.name} is shutting down; retry on another replica")
-        if len(self._queue) >= self._max_queue:
+        if len(self._queue) >= self._max_queue and self._abandoned and not self._stopping:
+            self._sweep()
+        if self._stopping or len(self._queue) >= self._max_queue:
+            self._observer.on_request(0.0, ok=False)
+            if self._stopping:
+                raise NotServing(f"{self.name} is shutting down; retry on another replica")
             raise QueueFull(
                 f"{self.name}: {self._max_queue} requests are already queued "
                 "(max_queue_size); retry with backoff"
@@ -156,11 +187,20 @@ class DynamicBatcher:
         rows = len(next(iter(inputs.values())))
         assert rows > 0, "requests are validated to hold at least one row"
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(inputs, rows, deadline, self._clock(), future))
+        enqueued = self._clock()
+        self._queue.append(_Request(inputs, rows, deadline, enqueued, future))
         self._queued_rows += rows
         if self._waiting_for_work or self._queued_rows >= self._max_rows:
             self._notify()
-        return await future
+        try:
+            result = await future
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                self._abandoned += 1
+            self._observer.on_request(self._clock() - enqueued, ok=False)
+            raise
+        self._observer.on_request(self._clock() - enqueued, ok=True)
+        return result
 
     # --- the batching task (event loop) ---
 
@@ -183,7 +223,8 @@ class DynamicBatcher:
             raise
 
     async def _wait_for_company(self) -> None:
-        while self._queued_rows < self._max_rows and not self._stopping:
+        # A sweep may empty the queue while this waits.
+        while self._queue and self._queued_rows < self._max_rows and not self._stopping:
             remaining = self._queue[0].enqueued + self._delay_s - self._clock()
             if remaining <= 0:
                 return
@@ -211,6 +252,8 @@ class DynamicBatcher:
         now = self._clock()
         while self._queue and room:
             request = self._queue[0]
+            if request.taken == 0:
+                self._observer.on_dequeue(now - request.enqueued)
             if request.future.done() or (request.deadline is not None and now >= request.deadline):
                 self._drop(self._queue.popleft())
                 continue
@@ -222,6 +265,24 @@ class DynamicBatcher:
             if request.taken == request.rows:
                 self._queue.popleft()
         return batch
+
+    def _sweep(self) -> None:
+        """Drop every queued request whose caller left or whose deadline passed.
+
+        Dead requests otherwise leave only when a batch reaches them, and until then they
+        hold queue slots: a full queue of callers that gave up would refuse live ones.
+        """
+        self._abandoned = 0
+        now = self._clock()
+        alive: collections.deque[_Request] = collections.deque()
+        for request in self._queue:
+            if request.future.done() or (request.deadline is not None and now >= request.deadline):
+                if request.taken == 0:
+                    self._observer.on_dequeue(now - request.enqueued)
+                self._drop(request)
+            else:
+                alive.append(request)
+        self._queue = alive
 
     def _drop(self, request: _Request) -> None:
         self._queued_rows -= request.rows - request.taken
@@ -243,7 +304,9 @@ class DynamicBatcher:
         self.stats.batch_sizes[rows] += 1
         self.stats.requests_per_batch[len(batch)] += 1
         loop = asyncio.get_running_loop()
+        start = time.perf_counter()
         results = await loop.run_in_executor(self._executor, self._compute, batch)
+        self._observer.on_batch(rows, time.perf_counter() - start)
         for (request, start, end), result in zip(batch, results, strict=True):
             if request.future.done():
                 continue

@@ -5,15 +5,21 @@ version is checked (manifest schema, file checksums, the graphs' real inputs/out
 the manifest), warmed up, and given one batcher per graph. A version that fails any of this
 is logged and reported as FAILED while the others serve; ``latest`` is the highest loaded
 version. Servicers (the typed API, the Open Inference Protocol) share one registry.
+
+Hot reload (server/reload.py) adds and removes versions while serving: a new version is
+loaded and warmed up beside the served ones, then registered in one step; a removed one is
+taken out of ``get`` at once and stops only when the calls that hold it through ``use`` are
+done. Load states go to the metrics, and each load, failed load and unload is one log line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,8 @@ from export.manifest import (
 )
 from server.batcher import DynamicBatcher
 from server.errors import ModelNotFound, NotServing
+from server.metrics import GraphKey, ServerMetrics
+from server.reload import Fingerprint, VersionKey, VersionOnDisk, fingerprint
 from server.runner import OnnxRunner, ProviderUnavailable
 from server.settings import ServerSettings
 
@@ -37,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 # Rows of the warm-up runs: the first run allocates, the larger one sizes the arenas.
 _WARMUP_ROWS = (1, 64)
+_GRAPHS = ("encoder", "decoder")
 
 
 class RepositoryError(RuntimeError):
@@ -81,14 +90,25 @@ RunnerFactory = Callable[[Path], OnnxRunner]
 class ModelRegistry:
     """Every served version, by name and number; ``get`` is what servicers call."""
 
-    def __init__(self, settings: ServerSettings, runner_factory: RunnerFactory):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        runner_factory: RunnerFactory,
+        metrics: ServerMetrics | None = None,
+    ):
         """Args:
         runner_factory: opens one graph file (provider and threads already chosen).
+        metrics: where batchers and load states report; a registry of its own if None.
         """
         self._settings = settings
         self._open = runner_factory
+        self.metrics = metrics or ServerMetrics(settings.batching.max_batch_size)
+        self.metrics.set_queue_depth_source(self._queue_depths)
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._status: dict[tuple[str, int], VersionStatus] = {}
+        self._failed: dict[VersionKey, Fingerprint] = {}  # retried once their files change
+        self._users: collections.Counter[VersionKey] = collections.Counter()  # calls in use()
+        self._idle: dict[VersionKey, asyncio.Event] = {}  # set when an unloading one is unused
         self._ready = False
         self._draining = False
         self._in_flight = 0  # calls inside use(), so that shutdown can wait for them
@@ -123,24 +143,87 @@ class ModelRegistry:
     async def load(self) -> None:
         """Load, check and warm every discovered version, then mark the registry ready."""
         folders = self.discover()
+        for folder in folders:
+            await self._load_folder(folder, fingerprint(folder))
+        self._ready = True
+        logger.info("serving %d version(s) of %d model(s)", self.count(), len(self._models))
+
+    async def load_version(self, version: VersionOnDisk) -> bool:
+        """Load, check and warm up one version beside the served ones, then serve it.
+
+        Returns:
+            True if it serves now; False if it failed (logged, state "failed") or the
+            registry is shutting down.
+        """
+        self._set(version.name, version.version, "loading")
+        return await self._load_folder(version.path, version.fingerprint)
+
+    async def _load_folder(self, folder: Path, prints: Fingerprint) -> bool:
+        name, version = folder.parent.name, int(folder.name)
         loop = asyncio.get_running_loop()
         pool = ThreadPoolExecutor(1, thread_name_prefix="vaeserve-loader")
         try:
-            for folder in folders:
-                name, version = folder.parent.name, int(folder.name)
-                try:
-                    sessions = await loop.run_in_executor(pool, self._open_version, folder)
-                except Exception as exc:  # noqa: BLE001 - one bad version must not stop the rest
-                    logger.error("skipping %s: %s", folder, exc, exc_info=not _expected(exc))
-                    self._set(name, version, "failed", str(exc))
-                    continue
-                await self._add(sessions)
+            sessions = await loop.run_in_executor(pool, self._open_version, folder)
+        except Exception as exc:  # noqa: BLE001 - one bad version must not stop the rest
+            logger.error(
+                "skipping %s: %s", folder, exc, exc_info=not _expected(exc),
+                extra={"event": "model_load_failed", "model": name, "version": version},
+            )  # fmt: skip
+            self._set(name, version, "failed", str(exc))
+            self._failed[(name, version)] = prints
+            return False
         finally:
             # Cancelled (shutdown while loading): never block the loop on a version that is
             # still loading; the thread ends once it is done.
             pool.shutdown(wait=False)
-        self._ready = True
-        logger.info("serving %d version(s) of %d model(s)", self.count(), len(self._models))
+        if self._draining:
+            return False
+        self._failed.pop((name, version), None)
+        await self._add(sessions)
+        return True
+
+    async def unload_version(self, key: VersionKey) -> None:
+        """Stop serving a version: new calls no longer find it, calls in ``use`` finish on it
+        (for up to ``grace_period_s``), then its batchers finish their queues and stop."""
+        name, version = key
+        versions = self._models.get(name, {})
+        model = versions.pop(version, None)
+        if not versions:
+            self._models.pop(name, None)
+        self._failed.pop(key, None)
+        if model is not None:
+            self._set(name, version, "unloading")
+            try:
+                await self._wait_unused(key, self._settings.grace_period_s)
+            finally:  # cancelled by shutdown too: close() no longer sees this version
+                await model.encoder.stop()
+                await model.decoder.stop()
+            event = {"event": "model_unloaded", "model": name, "version": version}
+            logger.info("unloaded %s version %d", name, version, extra=event)
+        self._status.pop(key, None)  # a failed version whose folder is gone is forgotten
+        self.metrics.set_model_state(name, version, None)
+
+    async def _wait_unused(self, key: VersionKey, timeout_s: float) -> None:
+        if not self._users[key]:
+            return
+        idle = self._idle.setdefault(key, asyncio.Event())
+        try:
+            await asyncio.wait_for(idle.wait(), timeout_s)
+        except TimeoutError:
+            logger.warning(
+                "%s version %d: %d call(s) still running after %.1f s; unloading",
+                *key, self._users[key], timeout_s,
+            )  # fmt: skip
+        finally:
+            self._idle.pop(key, None)
+
+    def served(self) -> list[VersionKey]:
+        """(name, version) of every loaded version."""
+        return [(name, v) for name, versions in self._models.items() for v in versions]
+
+    def failed(self) -> dict[VersionKey, Fingerprint]:
+        """Versions that failed to load, with a fingerprint of their files at the time."""
+        return dict(self._failed)
 
     def _open_version(self, folder: Path) -> _Sessions:
         manifest = load_version_manifest(folder)
@@ -157,13 +240,12 @@ class ModelRegistry:
 
     async def _add(self, s: _Sessions) -> None:
         m = s.manifest
-        batching = self._settings.batching
         model = LoadedModel(
             manifest=m,
             path=s.path,
             provider=s.decoder.provider,
-            encoder=DynamicBatcher(s.encoder, batching, name=f"{m.name}/{m.version}/encoder"),
-            decoder=DynamicBatcher(s.decoder, batching, name=f"{m.name}/{m.version}/decoder"),
+            encoder=self._batcher(s.encoder, m, "encoder"),
+            decoder=self._batcher(s.decoder, m, "decoder"),
             prior_means=None
             if m.prior_means is None
             else np.asarray(m.prior_means, dtype=np.float32),
@@ -175,7 +257,19 @@ class ModelRegistry:
         await model.decoder.start()
         self._models.setdefault(m.name, {})[m.version] = model
         self._set(m.name, m.version, "ready")
-        logger.info("loaded %s version %d on %s", m.name, m.version, model.provider)
+        event = {"event": "model_loaded", "model": m.name, "version": m.version}
+        logger.info("loaded %s version %d on %s", m.name, m.version, model.provider, extra=event)
+
+    def _batcher(self, runner: OnnxRunner, m: ModelManifest, graph: str) -> DynamicBatcher:
+        observer = self.metrics.graph_observer(GraphKey(m.name, m.version, graph))
+        name = f"{m.name}/{m.version}/{graph}"
+        return DynamicBatcher(runner, self._settings.batching, name=name, observer=observer)
+
+    def _queue_depths(self) -> Iterable[tuple[GraphKey, int]]:
+        for model in self.models():
+            m = model.manifest
+            for graph in _GRAPHS:
+                yield GraphKey(m.name, m.version, graph), getattr(model, graph).queue_length
 
     def get(self, name: str, version: int = 0) -> LoadedModel:
         """The served version ``version`` of ``name``; 0 means the highest loaded one.
@@ -210,11 +304,18 @@ class ModelRegistry:
     def use(self, name: str, version: int = 0) -> Iterator[LoadedModel]:
         """``get`` for the length of one call; shutdown waits while any call is inside."""
         model = self.get(name, version)
+        key = (model.manifest.name, model.manifest.version)
         self._in_flight += 1
+        self._users[key] += 1
         try:
             yield model
         finally:
             self._in_flight -= 1
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key]
+                if key in self._idle:  # an unload waits for this version's last call
+                    self._idle[key].set()
 
     @property
     def in_flight(self) -> int:
@@ -249,6 +350,7 @@ class ModelRegistry:
 
     def _set(self, name: str, version: int, state: str, reason: str = "") -> None:
         self._status[(name, version)] = VersionStatus(name, version, state, reason)
+        self.metrics.set_model_state(name, version, state)
 
 
 def _expected(exc: Exception) -> bool:

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEVICES", "ENV_PREFIX", "BatchingSettings", "ServerSettings"]
+__all__ = ["DEVICES", "ENV_PREFIX", "LOG_FORMATS", "BatchingSettings", "ServerSettings"]
 
 DEVICES = ("auto", "cpu", "cuda")
 ENV_PREFIX = "VAESERVE_"
 _MIB = 1 << 20
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class ServerSettings:
     max_message_bytes: int = 64 * _MIB  # gRPC send/receive limit; 4096x784 fp32 is 12.8 MB
     grace_period_s: float = 10.0  # how long in-flight calls may finish after SIGTERM
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one object per line)
+    metrics_port: int | None = None  # Prometheus /metrics on this port; None: off, 0: any free
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA: clients must show a certificate it signed
+    auth_token_file: Path | None = None  # every RPC but health needs "Bearer <its content>"
+    reload_interval_s: float = 0.0  # rescan the repository this often; 0: on SIGHUP only
     batching: BatchingSettings = field(default_factory=BatchingSettings)
 
     def __post_init__(self) -> None:
@@ -81,6 +89,16 @@ class ServerSettings:
         )
         _check(self.log_level in _LOG_LEVELS, "log_level", " | ".join(_LOG_LEVELS), self.log_level)
         _check(self.grace_period_s >= 0, "grace_period_s", "seconds >= 0", self.grace_period_s)
+        _check(self.log_format in LOG_FORMATS, "log_format", " | ".join(LOG_FORMATS),
+               self.log_format)  # fmt: skip
+        if self.metrics_port is not None:
+            _check(0 <= self.metrics_port <= 65535, "metrics_port", "0..65535", self.metrics_port)
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value in (None, "") else Path(value))
+        _check(
+            self.reload_interval_s >= 0, "reload_interval_s", "seconds >= 0", self.reload_interval_s
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
@@ -125,6 +143,7 @@ class _Flag:
     name: str  # the dataclass field, also the flag (with '-') and the variable (upper case)
     parse: Callable[[str], Any]
     help: str
+    aliases: tuple[str, ...] = ()  # more option strings, e.g. "--reload-interval"
 
 
 def _models(text: str) -> tuple[str, ...]:
@@ -146,6 +165,18 @@ _FLAGS = (
     _Flag("max_message_bytes", int, "gRPC message size limit, both directions"),
     _Flag("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM"),
     _Flag("log_level", str, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    _Flag("log_format", str, "text, or json: one object per line (default text)"),
+    _Flag("metrics_port", int, "serve Prometheus metrics at :PORT/metrics (default off)"),
+    _Flag("tls_cert", Path, "PEM certificate chain: serve TLS (needs --tls-key)"),
+    _Flag("tls_key", Path, "PEM private key of --tls-cert"),
+    _Flag("tls_client_ca", Path, "PEM CA bundle: require client certificates it signed"),
+    _Flag("auth_token_file", Path, "file holding a bearer token every RPC but health needs"),
+    _Flag(
+        "reload_interval_s",
+        float,
+        "rescan the repository every S seconds (0: on SIGHUP only)",
+        aliases=("--reload-interval",),
+    ),  # fmt: skip
     _Flag("max_batch_size", int, "rows per batched run; 1 switches batching off"),
     _Flag("max_queue_delay_ms", float, "how long a request may wait to share a batch"),
     _Flag("max_queue_size", int, "queued requests per graph before RESOURCE_EXHAUSTED"),
@@ -203,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = DEVICES
         if flag.name == "models":
             kwargs["metavar"] = "NAME[,NAME...]"
-        parser.add_argument(option, **kwargs)
+        if flag.name == "log_format":
+            kwargs["choices"] = LOG_FORMATS
+        parser.add_argument(option, *flag.aliases, **kwargs)
     return parser
 
 

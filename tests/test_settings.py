@@ -62,6 +62,13 @@ EVERY_FLAG = {
     "max_batch_size": ("7", 7),
     "max_queue_delay_ms": ("0.5", 0.5),
     "max_queue_size": ("8", 8),
+    "log_format": ("json", "json"),
+    "metrics_port": ("9090", 9090),
+    "tls_cert": ("/etc/tls/server.pem", Path("/etc/tls/server.pem")),
+    "tls_key": ("/etc/tls/server.key", Path("/etc/tls/server.key")),
+    "tls_client_ca": ("/etc/tls/ca.pem", Path("/etc/tls/ca.pem")),
+    "auth_token_file": ("/run/secrets/token", Path("/run/secrets/token")),
+    "reload_interval_s": ("30", 30.0),
 }
 
 
@@ -94,6 +101,9 @@ def test_every_flag_has_an_environment_variable_and_both_are_read():
             "default_stream_chunk_size",
             id="chunk-over-max",
         ),
+        pytest.param({"VAESERVE_LOG_FORMAT": "xml"}, "log_format", id="log-format"),
+        pytest.param({"VAESERVE_METRICS_PORT": "-1"}, "metrics_port", id="metrics-port"),
+        pytest.param({"VAESERVE_RELOAD_INTERVAL_S": "-5"}, "reload_interval_s", id="reload"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(env, message):
@@ -111,3 +121,9 @@ def test_bad_flags_exit_with_usage(capsys):
     with pytest.raises(SystemExit):
         ServerSettings.from_args(["--repository", "m", "--device", "tpu"], environ={})
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_reload_interval_has_the_short_flag_too():
+    s = ServerSettings.from_args(["--reload-interval", "15"], environ={"VAESERVE_REPOSITORY": "r"})
+    assert s.reload_interval_s == 15.0
+    assert ServerSettings.from_env({"VAESERVE_REPOSITORY": "r"}).metrics_port is None

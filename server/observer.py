@@ -1,0 +1,175 @@
+"""RequestObserver: the gRPC interceptor that counts, times and logs every RPC once.
+
+It sits outermost, so it also sees calls that the auth interceptor turns away. Each call adds
+to the request counters and the latency histogram under (rpc, model, status code); each call
+that ends with a status other than OK gets exactly one log line, with structured fields.
+The model label comes from the request, passed through ``model_label`` so that made-up names
+cannot grow the number of series without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from server.metrics import ServerMetrics
+
+__all__ = ["RequestObserver", "UNKNOWN_MODEL", "model_name_of"]
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_MODEL = "_unknown"
+# Where requests name their model: ModelInfer; typed API; SampleStream; other OIP RPCs.
+_NAME_PATHS = (("model_name",), ("model", "name"), ("request", "model", "name"), ("name",))
+# Failures that are the caller's doing are routine; the others need an operator's eye.
+_CLIENT_CODES = frozenset(
+    {"CANCELLED", "INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "DEADLINE_EXCEEDED",
+     "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"}
+)  # fmt: skip
+
+
+def model_name_of(request: Any) -> str:
+    """The model a request names, or "" if it names none (health, ServerLive, ListModels)."""
+    for path in _NAME_PATHS:
+        value = request
+        try:
+            for attr in path:
+                value = getattr(value, attr)
+        except AttributeError:
+            continue
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+class RequestObserver(grpc.aio.ServerInterceptor):
+    """Counts, times and (on failure) logs each call; passes everything else through."""
+
+    def __init__(self, metrics: ServerMetrics, model_label: Callable[[str], str] = str):
+        """Args:
+        metrics: where counts and latencies go.
+        model_label: maps a requested name to its label (e.g. unknown names to one label).
+        """
+        self._metrics = metrics
+        self._model_label = model_label
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        rpc = (handler_call_details.method or "").rsplit("/", 1)[-1]
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(rpc, handler.unary_unary), **kwargs
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(rpc, handler.unary_stream), **kwargs
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(rpc, handler.stream_unary), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._stream(rpc, handler.stream_stream), **kwargs
+        )
+
+    def _unary(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            failure: str | None = None
+            try:
+                answer = inner(request, context)
+                return await answer if inspect.isawaitable(answer) else answer
+            except asyncio.CancelledError:
+                failure = "CANCELLED"
+                raise
+            except BaseException:
+                failure = _code(context) or "UNKNOWN"
+                raise
+            finally:
+                self._record(rpc, request, context, failure, start)
+
+        return observed
+
+    def _stream(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            failure: str | None = None
+            try:
+                answers = inner(request, context)
+                if inspect.isasyncgen(answers):
+                    async for answer in answers:
+                        yield answer
+                else:
+                    for answer in answers:
+                        yield answer
+            except (asyncio.CancelledError, GeneratorExit):
+                failure = "CANCELLED"
+                raise
+            except BaseException:
+                failure = _code(context) or "UNKNOWN"
+                raise
+            finally:
+                self._record(rpc, request, context, failure, start)
+
+        return observed
+
+    def _record(
+        self, rpc: str, request: Any, context: grpc.aio.ServicerContext, failure: str | None,
+        start: float,
+    ) -> None:  # fmt: skip
+        latency = time.perf_counter() - start
+        code = failure or _code(context) or "OK"
+        requested = "" if inspect.isasyncgen(request) or hasattr(request, "__aiter__") else (
+            model_name_of(request)
+        )  # fmt: skip
+        model = self._model_label(requested) if requested else ""
+        self._metrics.observe_request(rpc, model, code, latency)
+        if code == "OK":
+            return
+        details = _details(context)
+        level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
+        logger.log(
+            level,
+            "rpc failed: rpc=%s model=%s code=%s latency_ms=%.2f message=%r",
+            rpc, model, code, latency * 1000.0, details,
+            extra={"event": "rpc_failed", "rpc": rpc, "model": model, "code": code,
+                   "latency_ms": round(latency * 1000.0, 3), "details": details},
+        )  # fmt: skip
+
+
+def _code(context: grpc.aio.ServicerContext) -> str | None:
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - a context without a code yet
+        return None
+    if code is None:
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return grpc.StatusCode(code).name if isinstance(code, tuple) else str(code)
+
+
+def _details(context: grpc.aio.ServicerContext) -> str:
+    try:
+        details = context.details()
+    except Exception:  # noqa: BLE001 - a context without details
+        return ""
+    if isinstance(details, bytes):
+        return details.decode("utf-8", "replace")
+    return details or ""

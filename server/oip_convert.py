@@ -1,0 +1,233 @@
+"""Tensors of the Open Inference Protocol (KServe v2) <-> numpy arrays, checked against a graph.
+
+A request's tensors arrive either as ``raw_input_contents`` (little-endian, row-major bytes,
+one entry per input) or as typed ``contents`` (``fp32_contents``, ``int64_contents``, ...).
+Both are checked here, once, against the graph's declaration in the manifest: names, KServe
+datatype strings, shapes (the batch axis first), byte and element counts, and the row limit.
+Every violation is an ``InvalidRequest`` naming the tensor and what was expected, raised before
+any large buffer is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from export.manifest import ModelManifest, TensorSpec
+from server.errors import InvalidRequest
+from vaeserve_proto.inference import grpc_service_pb2 as pb
+from vaeserve_proto.inference import model_config_pb2 as config_pb
+
+__all__ = [
+    "KSERVE_DATATYPES",
+    "CONFIG_DATATYPES",
+    "decode_inputs",
+    "check_values",
+    "requested_outputs",
+    "check_answer_size",
+    "encode_outputs",
+]
+
+# numpy dtype name (the manifest's) -> KServe v2 datatype string and Triton config enum.
+KSERVE_DATATYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64"}
+CONFIG_DATATYPES = {
+    "float32": config_pb.TYPE_FP32,
+    "float16": config_pb.TYPE_FP16,
+    "int64": config_pb.TYPE_INT64,
+}
+# Typed contents field per datatype; FP16 has none in the protocol, it travels raw only.
+_TYPED_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents"}
+# Explicitly little-endian: the wire format, whatever the host's byte order.
+_WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8")}
+_MESSAGE_HEADROOM = 64 * 1024  # protobuf framing, names and shapes of an answer
+
+
+def decode_inputs(
+    request: pb.ModelInferRequest, specs: Mapping[str, TensorSpec], max_rows: int
+) -> dict[str, np.ndarray]:
+    """Turn a request's input tensors into arrays, one per graph input.
+
+    Args:
+        request: the ``ModelInferRequest``; its parameters are ignored.
+        specs: the graph's inputs from the manifest (shape with -1 for the batch axis).
+        max_rows: the largest batch axis a request may carry.
+
+    Returns:
+        name -> array of the graph's dtype and shape, sharing the request's bytes when raw.
+
+    Raises:
+        InvalidRequest: a missing, unknown or duplicated input, a datatype or shape that
+            disagrees with the graph, contents that do not fill the shape, mixed raw and typed
+            contents, inputs with different batch sizes, or more than ``max_rows`` rows.
+    """
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequest(
+            f"raw_input_contents has {len(raw)} entries, expected one per input "
+            f"({len(request.inputs)})"
+        )
+    names = [t.name for t in request.inputs]
+    if sorted(names) != sorted(specs):
+        raise InvalidRequest(f"inputs are {names}, expected exactly {sorted(specs)}")
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        shape = _checked_shape(tensor, specs[tensor.name], max_rows)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidRequest(
+                    f"input '{tensor.name}' has contents and raw_input_contents is used: "
+                    "send every input one way"
+                )
+            arrays[tensor.name] = _from_raw(tensor.name, raw[i], specs[tensor.name], shape)
+        else:
+            arrays[tensor.name] = _from_typed(tensor, specs[tensor.name], shape)
+    rows = {a.shape[0] for a in arrays.values()}
+    if len(rows) > 1:
+        sizes = {name: a.shape[0] for name, a in arrays.items()}
+        raise InvalidRequest(f"inputs have different batch sizes {sizes}, expected one")
+    return arrays
+
+
+def _checked_shape(
+    tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, max_rows: int
+) -> tuple[int, ...]:
+    expected_type = KSERVE_DATATYPES[spec.dtype]
+    if tensor.datatype != expected_type:
+        raise InvalidRequest(
+            f"input '{tensor.name}' has datatype {tensor.datatype!r}, expected {expected_type!r}"
+        )
+    shape = tuple(tensor.shape)
+    wanted = [-1, *spec.shape[1:]]
+    if len(shape) != len(spec.shape) or list(shape[1:]) != wanted[1:]:
+        raise InvalidRequest(
+            f"input '{tensor.name}' has shape {list(shape)}, expected {wanted} (-1: batch axis)"
+        )
+    if not 1 <= shape[0] <= max_rows:
+        raise InvalidRequest(
+            f"input '{tensor.name}' has {shape[0]} rows, expected 1 to {max_rows} (the "
+            "server's limit per request)"
+        )
+    return shape
+
+
+def _from_raw(name: str, data: bytes, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
+    dtype = _WIRE_DTYPES[spec.dtype]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidRequest(
+            f"input '{name}' has {len(data)} raw bytes, expected {expected} "
+            f"({list(shape)} x {dtype.itemsize}-byte {KSERVE_DATATYPES[spec.dtype]})"
+        )
+    # A read-only view of the message's bytes: the batcher copies rows into its batch anyway.
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _from_typed(
+    tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, shape: tuple[int, ...]
+) -> np.ndarray:
+    field = _TYPED_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidRequest(
+            f"input '{tensor.name}' is {tensor.datatype}, which has no typed contents in the "
+            "protocol: send it in raw_input_contents"
+        )
+    contents = tensor.contents
+    others = [
+        f.name for f, _ in contents.ListFields() if f.name != field
+    ]  # e.g. int_contents for an INT64 tensor
+    if others:
+        raise InvalidRequest(
+            f"input '{tensor.name}' ({tensor.datatype}) has {others}, expected {field} only"
+        )
+    values = getattr(contents, field)
+    expected = math.prod(shape)
+    if len(values) != expected:
+        raise InvalidRequest(
+            f"input '{tensor.name}' has {len(values)} values in contents.{field}, expected "
+            f"{expected} for shape {list(shape)}"
+        )
+    return np.asarray(values, dtype=_WIRE_DTYPES[spec.dtype].newbyteorder("=")).reshape(shape)
+
+
+def check_values(manifest: ModelManifest, arrays: Mapping[str, np.ndarray]) -> None:
+    """Check what the graphs' inputs may hold: the manifest's naming of x, y and z.
+
+    Raises:
+        InvalidRequest: NaN or Inf in a float input, x outside the model's value range, or
+            a class label y outside 0..num_classes-1.
+    """
+    for name, array in arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidRequest(f"input '{name}' holds NaN or Inf, expected finite values")
+    if "x" in arrays:
+        low, high = manifest.value_range
+        lowest, highest = arrays["x"].min(), arrays["x"].max()
+        if not (low <= lowest and highest <= high):
+            raise InvalidRequest(
+                f"input 'x' holds values in [{lowest}, {highest}], expected the model's "
+                f"value_range [{low}, {high}]"
+            )
+    if "y" in arrays and manifest.num_classes is not None:
+        y = arrays["y"]
+        bad = y[(y < 0) | (y >= manifest.num_classes)]
+        if bad.size:
+            raise InvalidRequest(
+                f"input 'y' holds class {int(bad[0])}, expected 0..{manifest.num_classes - 1}"
+            )
+
+
+def requested_outputs(request: pb.ModelInferRequest, specs: Mapping[str, TensorSpec]) -> list[str]:
+    """The outputs to answer with, in answer order: as requested, or all in declared order.
+
+    Raises:
+        InvalidRequest: an unknown or repeated output name.
+    """
+    if not request.outputs:
+        return list(specs)
+    names = [o.name for o in request.outputs]
+    for name in names:
+        if name not in specs:
+            raise InvalidRequest(
+                f"requested output '{name}' is unknown, expected one of {list(specs)}"
+            )
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"requested outputs {names} repeat a name, expected each once")
+    return names
+
+
+def check_answer_size(
+    rows: int, names: Sequence[str], specs: Mapping[str, TensorSpec], max_message_bytes: int
+) -> None:
+    """Refuse, before computing, an answer that would not fit in one gRPC message.
+
+    Raises:
+        InvalidRequest: naming the largest row count that fits.
+    """
+    per_row = sum(
+        math.prod(specs[n].shape[1:]) * _WIRE_DTYPES[specs[n].dtype].itemsize for n in names
+    )
+    limit = max_message_bytes - _MESSAGE_HEADROOM
+    if rows * per_row > limit:
+        raise InvalidRequest(
+            f"the answer would hold {rows * per_row} bytes, over the server's max_message_bytes "
+            f"({max_message_bytes}); send at most {limit // per_row} rows per request"
+        )
+
+
+def encode_outputs(
+    response: pb.ModelInferResponse,
+    arrays: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    specs: Mapping[str, TensorSpec],
+) -> None:
+    """Append ``names``' arrays to ``response`` as outputs with raw contents, in that order."""
+    for name in names:
+        dtype = _WIRE_DTYPES[specs[name].dtype]
+        array = np.ascontiguousarray(arrays[name], dtype=dtype)
+        out = response.outputs.add()
+        out.name = name
+        out.datatype = KSERVE_DATATYPES[specs[name].dtype]
+        out.shape.extend(array.shape)
+        response.raw_output_contents.append(array.tobytes())

@@ -1,0 +1,246 @@
+"""The Open Inference Protocol (KServe v2, ``inference.GRPCInferenceService``) over the registry.
+
+Each model version is served as two protocol models, ``NAME-encoder`` and ``NAME-decoder``,
+whose tensors are exactly the graphs' inputs and outputs in the manifest; inference goes
+through the same batchers as the typed API. Also answers Triton's ``ModelConfig`` (its tools
+call it before inferring) and ``ModelStatistics``, read from the server's metrics. Methods are
+thin: resolve the graph, convert (server/oip_convert.py), run, convert back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import metadata
+
+import grpc
+
+from export.manifest import GraphSpec
+from server import oip_convert as convert
+from server.batcher import DynamicBatcher
+from server.errors import InvalidRequest, ModelNotFound, NotServing, map_errors
+from server.metrics import GraphKey, ServerMetrics
+from server.repository import LoadedModel, ModelRegistry
+from server.settings import ServerSettings
+from vaeserve_proto.inference import grpc_service_pb2 as pb
+from vaeserve_proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vaeserve_proto.inference import model_config_pb2 as config_pb
+
+__all__ = ["SERVICE_NAME", "GRAPHS", "EXTENSIONS", "PLATFORM", "OipServicer", "split_name"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+GRAPHS = ("encoder", "decoder")
+EXTENSIONS = ("model_configuration", "statistics")
+PLATFORM = "onnxruntime_onnx"  # Triton's name for what serves these graphs
+_TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """One protocol model: a graph of a loaded version."""
+
+    model: LoadedModel
+    name: str  # "encoder" | "decoder"
+
+    @property
+    def spec(self) -> GraphSpec:
+        return getattr(self.model.manifest, self.name)
+
+    @property
+    def batcher(self) -> DynamicBatcher:
+        return getattr(self.model, self.name)
+
+    @property
+    def key(self) -> GraphKey:
+        return GraphKey(self.model.manifest.name, self.model.manifest.version, self.name)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"digits-decoder"`` -> ``("digits", "decoder")``.
+
+    Raises:
+        ModelNotFound: the name does not end in ``-encoder`` or ``-decoder``.
+    """
+    model, _, graph = name.rpartition("-")
+    if not model or graph not in GRAPHS:
+        raise ModelNotFound(
+            f"model name {name!r} is not served here: expected NAME-encoder or NAME-decoder"
+        )
+    return model, graph
+
+
+def _version(text: str) -> int:
+    if text == "":
+        return 0
+    # isascii: str.isdigit() also accepts digits int() cannot parse, such as "²".
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise InvalidRequest(f"model version {text!r} is invalid, expected '1', '2', ... or ''")
+    return int(text)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the batchers' clock (time.monotonic)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _tensors(specs: dict) -> list[_TensorMetadata]:
+    return [
+        _TensorMetadata(name=n, datatype=convert.KSERVE_DATATYPES[s.dtype], shape=s.shape)
+        for n, s in specs.items()
+    ]
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Serves every model of ``registry`` as NAME-encoder / NAME-decoder protocol models."""
+
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings, metrics: ServerMetrics):
+        self._registry = registry
+        self._settings = settings
+        self._metrics = metrics
+        try:
+            self._server_version = metadata.version("vaeserve")
+        except metadata.PackageNotFoundError:
+            self._server_version = "0+unknown"
+
+    def _graph(self, name: str, version: str) -> _Graph:
+        model, graph = split_name(name)
+        number = _version(version)
+        try:
+            return _Graph(self._registry.get(model, number), graph)
+        except ModelNotFound:
+            # The registry speaks of the typed API's fields; say it in protocol names.
+            loaded = self._registry.versions(model)
+            if loaded:
+                raise ModelNotFound(
+                    f"model {name!r} has no loaded version {version!r}; loaded versions: "
+                    f"{[str(v) for v in loaded]}"
+                ) from None
+            served = [f"{m}-{g}" for m in self._model_names() for g in GRAPHS]
+            raise ModelNotFound(
+                f"model {name!r} is not served here; served models: {served}"
+            ) from None
+
+    def _model_names(self) -> list[str]:
+        return sorted({m.manifest.name for m in self._registry.models()})
+
+    @map_errors
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @map_errors
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self._registry.ready)
+
+    @map_errors
+    async def ModelReady(self, request, context):
+        try:
+            self._graph(request.name, request.version)
+        except (ModelNotFound, NotServing):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @map_errors
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name="vaeserve", version=self._server_version, extensions=EXTENSIONS
+        )
+
+    @map_errors
+    async def ModelMetadata(self, request, context):
+        graph = self._graph(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=request.name,
+            versions=[str(v) for v in self._registry.versions(graph.key.model)],
+            platform=PLATFORM,
+            inputs=_tensors(graph.spec.inputs),
+            outputs=_tensors(graph.spec.outputs),
+        )
+
+    @map_errors
+    async def ModelConfig(self, request, context):
+        graph = self._graph(request.name, request.version)
+        return pb.ModelConfigResponse(config=self._config(request.name, graph))
+
+    @map_errors
+    async def ModelInfer(self, request, context):
+        graph = self._graph(request.model_name, request.model_version)
+        spec, limit = graph.spec, self._settings.max_samples_per_request
+        arrays = convert.decode_inputs(request, spec.inputs, limit)
+        convert.check_values(graph.model.manifest, arrays)
+        names = convert.requested_outputs(request, spec.outputs)
+        rows = len(next(iter(arrays.values())))
+        convert.check_answer_size(rows, names, spec.outputs, self._settings.max_message_bytes)
+        # use(): shutdown and unloading wait for this call to finish on this version.
+        with self._registry.use(graph.key.model, graph.key.version):
+            outputs = await graph.batcher.run(arrays, _deadline(context))
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=str(graph.key.version), id=request.id
+        )
+        convert.encode_outputs(response, outputs, names, spec.outputs)
+        return response
+
+    @map_errors
+    async def ModelStatistics(self, request, context):
+        stats = [self._statistics(graph) for graph in self._graphs(request.name, request.version)]
+        return pb.ModelStatisticsResponse(model_stats=stats)
+
+    def _graphs(self, name: str, version: str) -> list[_Graph]:
+        """Protocol models a statistics request covers: one, every version of one, or all."""
+        if not name:
+            return [_Graph(m, g) for m in self._registry.models() for g in GRAPHS]
+        if version or not self._registry.versions(split_name(name)[0]):
+            return [self._graph(name, version)]  # one version, or NOT_FOUND naming the model
+        model, graph = split_name(name)
+        return [_Graph(self._registry.get(model, v), graph) for v in self._registry.versions(model)]
+
+    def _statistics(self, graph: _Graph) -> pb.ModelStatistics:
+        s = self._metrics.graph_statistics(graph.key)
+        compute = pb.StatisticDuration(count=s.compute_count, ns=s.compute_ns)
+        return pb.ModelStatistics(
+            name=f"{graph.key.model}-{graph.name}",
+            version=str(graph.key.version),
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=pb.StatisticDuration(count=s.success_count, ns=s.success_ns),
+                fail=pb.StatisticDuration(count=s.fail_count, ns=s.fail_ns),
+                queue=pb.StatisticDuration(count=s.queue_count, ns=s.queue_ns),
+                compute_input=pb.StatisticDuration(count=s.compute_count),
+                compute_infer=compute,
+                compute_output=pb.StatisticDuration(count=s.compute_count),
+            ),
+        )
+
+    def _config(self, name: str, graph: _Graph) -> config_pb.ModelConfig:
+        batching = self._settings.batching
+        # Triton's max_batch_size bounds the batch axis of one request: ours is the request
+        # row limit. Larger runs are never formed; the batcher merges and splits up to
+        # batching.max_batch_size rows per run.
+        limit = min(self._settings.max_samples_per_request, 2**31 - 1)
+        group = config_pb.ModelInstanceGroup
+        kind = group.KIND_GPU if graph.model.provider.startswith("CUDA") else group.KIND_CPU
+        return config_pb.ModelConfig(
+            name=name,
+            platform=PLATFORM,
+            backend="onnxruntime",
+            max_batch_size=limit,
+            input=[
+                config_pb.ModelInput(
+                    name=n, data_type=convert.CONFIG_DATATYPES[s.dtype], dims=s.shape[1:]
+                )
+                for n, s in graph.spec.inputs.items()
+            ],
+            output=[
+                config_pb.ModelOutput(
+                    name=n, data_type=convert.CONFIG_DATATYPES[s.dtype], dims=s.shape[1:]
+                )
+                for n, s in graph.spec.outputs.items()
+            ],
+            dynamic_batching=config_pb.ModelDynamicBatching(
+                preferred_batch_size=[min(batching.max_batch_size, limit)],
+                max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000),
+            ),
+            instance_group=[group(kind=kind, count=1)],
+        )
