@@ -55,7 +55,8 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
 # The server reads VAESERVE_* (server/settings.py); flags given to `docker run` still win.
 ENV VAESERVE_REPOSITORY=/models \
     VAESERVE_HOST=0.0.0.0 \
-    VAESERVE_PORT=8001
+    VAESERVE_PORT=8001 \
+    VAESERVE_METRICS_PORT=8002
 USER vaeserve
 WORKDIR /home/vaeserve
 EXPOSE 8001 8002
@@ -88,7 +89,8 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-deps /wheels/*.whl && pip check
 ENV VAESERVE_REPOSITORY=/models \
     VAESERVE_HOST=0.0.0.0 \
-    VAESERVE_PORT=8001
+    VAESERVE_PORT=8001 \
+    VAESERVE_METRICS_PORT=8002
 USER vaeserve
 WORKDIR /home/vaeserve
 EXPOSE 8001 8002
