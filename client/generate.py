@@ -265,14 +265,27 @@ def _generate(args: argparse.Namespace, kill: KillSwitch) -> int:
         except grpc.RpcError as exc:
             where = f"--server {args.server}" if args.server else f"--local {args.local}"
             raise JobFailed(f"{where}: {exc.code().name}: {exc.details()}") from None
-        args.out.mkdir(parents=True, exist_ok=True)
-        with _locked(args.out):
-            if new:
-                job.save(args.out)
-            _execute(args, source, job, info, kill)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out: cannot create {args.out}: {_reason(exc)}") from None
+        try:
+            with _locked(args.out):
+                if new:
+                    job.save(args.out)
+                _execute(args, source, job, info, kill)
+        except OSError as exc:  # a read-only or full disk before or after the shards' writing
+            raise JobFailed(
+                f"--out {args.out}: {_reason(exc)}; the shards finished so far are kept: "
+                "re-run the same command once the folder can be written"
+            ) from None
         return 0
     finally:
         source.close()
+
+
+def _reason(exc: OSError) -> str:
+    return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc.strerror or exc)
 
 
 @contextlib.contextmanager

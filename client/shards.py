@@ -15,6 +15,7 @@ identical to an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -204,26 +205,30 @@ def write_shard(
     assert all(len(a) == stop - start for a in arrays.values()), "shard rows != its range"
     path = shard_path(spec, index)
     target = out_dir / path
-    if spec.format == "npz":
-        payload = _npz_bytes(arrays)
-        tmp = out_dir / f".{path}{_TMP_MARK}{os.getpid()}"
-        _write_synced(tmp, payload)
-        digest = hashlib.sha256(payload).hexdigest()
-    else:
-        files = _folder_files(spec, start, arrays)
-        tmp = out_dir / f".{path}{_TMP_MARK}{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name, data in files.items():
-            _write_synced(tmp / name, data)
-        _fsync_dir(tmp)
-        digest = _listing_sha256(files)
-        # A folder left by a run killed after its rename but before job.json recorded it:
-        # os.replace cannot replace a non-empty folder.
-        shutil.rmtree(target, ignore_errors=True)
-    if before_publish is not None:
-        before_publish()
-    os.replace(tmp, target)
+    tmp = out_dir / f".{path}{_TMP_MARK}{os.getpid()}"
+    try:
+        if spec.format == "npz":
+            payload = _npz_bytes(arrays)
+            _write_synced(tmp, payload)
+            digest = hashlib.sha256(payload).hexdigest()
+        else:
+            files = _folder_files(spec, start, arrays)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for name, data in files.items():
+                _write_synced(tmp / name, data)
+            _fsync_dir(tmp)
+            digest = _listing_sha256(files)
+            # A folder left by a run killed after its rename but before job.json recorded it:
+            # os.replace cannot replace a non-empty folder.
+            shutil.rmtree(target, ignore_errors=True)
+        if before_publish is not None:
+            before_publish()
+        os.replace(tmp, target)
+    except BaseException:
+        # A full disk: give back the space of the partial shard at once, not on the next run.
+        _remove(tmp)
+        raise
     _fsync_dir(out_dir)
     return ShardRecord(index, start, stop, path, digest)
 
@@ -238,6 +243,14 @@ def verify_shard(out_dir: Path, record: ShardRecord) -> bool:
         return _file_sha256(target) == record.sha256
     except OSError:
         return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):  # the error that brought us here is the one to show
+            path.unlink(missing_ok=True)
 
 
 def remove_temporaries(out_dir: Path) -> int:

@@ -95,7 +95,8 @@ def validate_encode(
     x = _samples_tensor(request.x, "x", m, settings)
     n = len(x)
     _in_range("num_draws", request.num_draws, 0, settings.max_samples_per_request)
-    _fits_message("num_draws", n * request.num_draws, 4 * m.latent_dim, settings)
+    # The answer holds mu and logvar besides the draws: (n, d) float32 each.
+    _fits_message("num_draws", n, 4 * m.latent_dim * (2 + request.num_draws), settings)
     labels = _row_labels(request.labels, n, m, m.encoder_takes_label)
     return EncodeJob(x=x, labels=labels, num_draws=request.num_draws, seed=_seed(request, "seed"))
 

@@ -1,0 +1,142 @@
+"""Overload: past the queue bound callers get RESOURCE_EXHAUSTED at once, and the server
+recovers as soon as the load drops; plus a short run of the soak (bench/soak.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from client_fixtures import CVAE, VAE, tiny_repository
+from serving_fixtures import WAIT_S, ServerThread, channel
+
+from server.settings import BatchingSettings, ServerSettings
+from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+
+T = 30.0  # per-call deadline: a refusal that takes a sizeable part of it is not "prompt"
+SOAK = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
+LARGE = 4096  # rows of one overload request: 64 batches of 64
+
+
+@pytest.fixture
+def figure(request) -> Callable[[str, object], None]:
+    """Records a figure of the test in its report (user_properties), for docs/reliability.md."""
+    return lambda name, value: request.node.user_properties.append((name, value))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    return tiny_repository(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def small_queue(models):
+    """A server whose graphs queue at most 2 requests each."""
+    settings = ServerSettings(
+        repository=models,
+        port=0,
+        device="cpu",
+        intra_op_threads=1,
+        batching=BatchingSettings(max_batch_size=64, max_queue_delay_ms=1.0, max_queue_size=2),
+    )
+    server = ServerThread(settings)
+    yield server
+    server.stop()
+
+
+def _overload(address: str, clients: int, calls: int, max_s: float) -> list[tuple]:
+    """``clients`` threads, each sending up to ``calls`` large Samples without backoff."""
+    outcomes: list[tuple] = []
+    lock = threading.Lock()
+    until = time.monotonic() + max_s
+
+    def client(i: int) -> None:
+        with channel(address) as ch:
+            stub = pb_grpc.VaeServiceStub(ch)
+            request = pb.SampleRequest(model=pb.ModelRef(name=VAE), num_samples=LARGE, seed=i)
+            for _ in range(calls):
+                if time.monotonic() > until:
+                    return
+                start = time.monotonic()
+                try:
+                    rows = stub.Sample(request, timeout=T).samples.shape[0]
+                    code, details = grpc.StatusCode.OK, ""
+                except grpc.RpcError as exc:
+                    rows, code, details = 0, exc.code(), exc.details()
+                with lock:
+                    outcomes.append((code, time.monotonic() - start, rows, details))
+
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"overload-{i}") for i in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S + max_s)
+    return outcomes
+
+
+def test_past_the_queue_bound_calls_are_refused_promptly_and_the_server_recovers(
+    small_queue, figure
+):
+    decoder = small_queue.server.registry.get(VAE).decoder
+    rows_before = decoder.stats.rows
+    outcomes = _overload(small_queue.address, clients=16, calls=25, max_s=8.0)
+    codes = {code for code, *_ in outcomes}
+    assert codes == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    refused = [o for o in outcomes if o[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    served = [o for o in outcomes if o[0] == grpc.StatusCode.OK]
+    assert all("max_queue_size" in d and "retry with backoff" in d for *_, d in refused)
+    refusal_s = np.array([latency for _, latency, _, _ in refused])
+    served_s = np.array([latency for _, latency, _, _ in served])
+    # Refused at the door: never near the deadline, and faster than being served.
+    assert refusal_s.max() < T / 10, refusal_s.max()
+    assert np.median(refusal_s) < np.median(served_s)
+    assert all(rows == LARGE for _, _, rows, _ in served)
+    figure("calls", len(outcomes))
+    figure("refused", len(refused))
+    figure("refusal_ms_p50", round(float(np.median(refusal_s)) * 1e3, 1))
+    figure("refusal_ms_max", round(float(refusal_s.max()) * 1e3, 1))
+    figure("served_ms_p50", round(float(np.median(served_s)) * 1e3, 1))
+    # Refused requests were not computed: the decoder ran exactly the served rows.
+    assert decoder.stats.rows - rows_before == LARGE * len(served)
+    # The load is gone: queues are empty, and the very next calls all succeed.
+    assert small_queue.server.registry.in_flight == 0
+    assert decoder.queue_length == 0
+    with channel(small_queue.address) as ch:
+        stub = pb_grpc.VaeServiceStub(ch)
+        for i in range(10):
+            request = pb.SampleRequest(model=pb.ModelRef(name=CVAE), num_samples=LARGE, label=i)
+            assert stub.Sample(request, timeout=T).samples.shape[0] == LARGE
+
+
+def test_a_short_soak_has_no_failures_but_refusals_and_recovers_from_each_burst(
+    models, tmp_path, figure
+):
+    summary_path = tmp_path / "soak.json"
+    command = [sys.executable, str(SOAK), "--repository", str(models), "--vae", VAE]
+    command += ["--cvae", CVAE, "--duration-s", "12", "--clients", "16"]
+    command += ["--burst-clients", "48", "--overload-every-s", "4", "--overload-s", "1.5"]
+    command += ["--max-queue-size", "24", "--sample-every-s", "1", "--json", str(summary_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(summary_path.read_text())
+    for key in ("requests", "failures", "steady_refused_outside_bursts"):
+        figure(key, summary[key])
+    figure("recovery_s", [b["recovery_s"] for b in summary["bursts"]])
+    assert summary["failures_not_resource_exhausted"] == 0, summary["failures"]
+    assert summary["wrong_answers"] == [] and summary["server_exit_code"] == 0
+    assert summary["failures"].get("RESOURCE_EXHAUSTED", 0) > 0, "the bursts never overloaded"
+    assert len(summary["bursts"]) == 2
+    assert all(b["recovery_s"] is not None and b["recovery_s"] < 5 for b in summary["bursts"])
+    assert summary["steady_refused_outside_bursts"] == 0
+    assert summary["requests"] > 500
+    assert "verdict: PASS" in done.stdout
