@@ -142,12 +142,21 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[VAE, Check
         ValueError: see `load_checkpoint`; also weights that do not fit the ModelConfig.
     """
     ckpt = load_checkpoint(path)
+    _check_finite(path, ckpt.state_dict)
     model = build_model(ckpt.model_config)
     try:
         model.load_state_dict(ckpt.state_dict)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match the model config ({exc})") from exc
     return model.to(device).eval(), ckpt
+
+
+def _check_finite(path: str | os.PathLike, state_dict: dict[str, Any]) -> None:
+    # A NaN/Inf weight makes every output NaN; the exporter's gate compares NaN with NaN as
+    # equal, so it would publish a model that answers NaN for any input.
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{path}: weight '{name}' holds NaN or Inf values")
 
 
 def _reason(exc: Exception) -> str:
