@@ -1,6 +1,6 @@
 """Served Sample throughput and latency against onnxruntime in-process, on this machine.
 
-Run: python bench/bench_serving.py [--repository DIR --model NAME] [--window-s 1]
+Run: python bench/bench_serving.py [--repository DIR --model NAME] [--window-s 1] [--workers 2]
 
 Without --repository it exports a random-weight copy of DESIGN.md's reference model (MLP
 decoder 32 -> 512 -> 512 -> 784, Bernoulli, 1x28x28; weights do not change the speed) through
@@ -8,7 +8,10 @@ vae-export's Python API, so it needs the train extra (torch) in this process onl
   1. the decoder in-process (the server's own OnnxRunner): samples/s at batch 1/64/1024/4096;
   2. vae-serve in a subprocess, driven by grpc.aio clients in this process: Sample at
      n = 1/64/1024/4096 with 1 and 16 concurrent clients (fp32, and uint8 for large n);
-  3. the same server with batching off (--max-batch-size 1): n = 1 with 16 clients.
+  3. the same server with batching off (--max-batch-size 1): n = 1 with 16 clients;
+  4. batch-1 x 16 clients and n = 4096 x 1 client, each client on a channel (connection) of
+     its own, against one server process and against --workers N: SO_REUSEPORT spreads
+     connections, not calls, so one shared channel would reach one worker only.
 It prints one table: samples/s, p50/p99 latency, and each rate as a ratio to in-process.
 The load generator shares the machine's cores with the server, as a local client would.
 """
@@ -59,9 +62,13 @@ class Row:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc), all its threads included."""
+    """User + system CPU seconds of a process and its children (Linux /proc), all threads
+    included: with --workers the server is a supervisor and its worker processes."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        total += sum(process_cpu_s(int(child)) for child in children.read_text().split())
+    return total
 
 
 def export_reference_model(root: Path) -> tuple[Path, str]:
@@ -170,18 +177,19 @@ async def wait_ready(stub: pb_grpc.VaeServiceStub, model: str) -> None:
 
 
 async def drive(
-    stub, model: str, n: int, clients: int, window_s: float, encoding: int, server_pid: int
+    stubs, model: str, n: int, clients: int, window_s: float, encoding: int, server_pid: int
 ) -> Row:
     """``clients`` closed-loop callers of Sample(n): a warm-up, then WINDOWS windows.
 
     The rate is the best window's: on shared cores a window loses whatever else ran in it.
-    Latencies are pooled over all windows. CPU time per request (server process, and this
-    process as the load generator) moves much less with other load, so it is reported too.
+    Client i calls through ``stubs[i % len(stubs)]``. Latencies are pooled over all windows.
+    CPU time per request (server processes, and this process as the load generator) moves much
+    less with other load, so it is reported too.
     """
     latencies: list[float] = []
 
     async def client(i: int, until: float, record: bool) -> int:
-        seed, calls = 1 + 1_000_003 * (i + 1), 0
+        seed, calls, stub = 1 + 1_000_003 * (i + 1), 0, stubs[i % len(stubs)]
         while time.perf_counter() < until:
             request = pb.SampleRequest(
                 model=pb.ModelRef(name=model), num_samples=n, seed=seed + calls, encoding=encoding
@@ -208,29 +216,38 @@ async def drive(
     return row
 
 
-async def served_rows(server: ServerProcess, model: str, cases, window_s: float) -> list[Row]:
+async def served_rows(
+    server: ServerProcess, model: str, cases, window_s: float, channels: int = 1
+) -> list[Row]:
+    # Each channel its own connection: a process-wide subchannel pool would share one.
     options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+    options += [("grpc.use_local_subchannel_pool", 1)] if channels > 1 else []
     address = f"127.0.0.1:{server.port}"
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        stub = pb_grpc.VaeServiceStub(channel)
-        await wait_ready(stub, model)
+    opened = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
+    try:
+        stubs = [pb_grpc.VaeServiceStub(channel) for channel in opened]
+        for stub in stubs:  # each connection may reach a different worker
+            await wait_ready(stub, model)
         rows = []
         for label, n, clients, encoding in cases:
-            row = await drive(stub, model, n, clients, window_s, encoding, server.process.pid)
+            row = await drive(stubs, model, n, clients, window_s, encoding, server.process.pid)
             row.label = label
             rows.append(row)
         return rows
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
-def serve_and_drive(repository, model, log, flags, cases, window_s) -> list[Row]:
+def serve_and_drive(repository, model, log, flags, cases, window_s, channels=1) -> list[Row]:
     server = ServerProcess(repository, model, log, *flags)
     try:
-        return asyncio.run(served_rows(server, model, cases, window_s))
+        return asyncio.run(served_rows(server, model, cases, window_s, channels))
     finally:
         server.stop()
 
 
-def print_table(rows: list[Row], batching_gain: float) -> None:
+def print_table(rows: list[Row], batching_gain: float, workers_gain: float | None) -> None:
     head = (
         "",
         "n",
@@ -243,7 +260,7 @@ def print_table(rows: list[Row], batching_gain: float) -> None:
         "srv µs/req",
         "cli µs/req",
     )
-    print(f"{head[0]:34}" + "".join(f"{h:>11}" for h in head[1:]))
+    print(f"{head[0]:40}" + "".join(f"{h:>11}" for h in head[1:]))
     for r in rows:
         cells = [f"{r.n}", f"{r.clients}", f"{r.rate:,.0f}"]
         for value, form in (
@@ -255,8 +272,10 @@ def print_table(rows: list[Row], batching_gain: float) -> None:
             (r.client_cpu_us, ",.0f"),
         ):
             cells.append("" if value is None else format(value, form))
-        print(f"{r.label:34}" + "".join(f"{c:>11}" for c in cells))
+        print(f"{r.label:40}" + "".join(f"{c:>11}" for c in cells))
     print(f"\nbatch-1, 16 clients: batching on / batching off = {batching_gain:.2f}x")
+    if workers_gain is not None:
+        print(f"batch-1, 16 clients, a channel each: workers / one process = {workers_gain:.2f}x")
     print(
         "CPU ratio: the in-process decoder's CPU time per sample over the server's and the "
         "load generator's together;\nwhat the rate ratio would be on otherwise idle cores "
@@ -287,16 +306,28 @@ def measure(repository: Path, model: str, args: argparse.Namespace, tmp: Path) -
     unbatched = serve_and_drive(
         repository, model, log, off, [("Sample fp32, batching off", 1, 16, fp32)], args.window_s
     )
+    workers_rows: list[Row] = []
+    if args.workers > 1:
+        both = [(1, 16), (4096, 1)]
+        for label, extra in (
+            ("fp32, 1 process, channel each", []),
+            (f"fp32, {args.workers} workers, channel each", ["--workers", str(args.workers)]),
+        ):
+            cases = [(f"Sample {label}", n, c, fp32) for n, c in both]
+            workers_rows += serve_and_drive(
+                repository, model, log, [*flags, *extra], cases, args.window_s, channels=16
+            )
     again = in_process_rates(decoder, manifest.latent_dim, args.window_s)
     inproc = {n: max(inproc[n], again[n], key=lambda r: r.rate) for n in SIZES}
     rows = [inproc[n] for n in SIZES]
-    for row in served + unbatched:
+    for row in served + unbatched + workers_rows:
         base = inproc[row.n]
         row.ratio = row.rate / base.rate
         row.cpu_ratio = base.server_cpu_us / (row.server_cpu_us + row.client_cpu_us)
         rows.append(row)
     batched = next(r for r in served if (r.n, r.clients, r.label) == (1, 16, "Sample fp32"))
-    print_table(rows, batched.rate / unbatched[0].rate)
+    one = [r for r in workers_rows if (r.n, r.clients) == (1, 16)]
+    print_table(rows, batched.rate / unbatched[0].rate, one[1].rate / one[0].rate if one else None)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
@@ -309,6 +340,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--serve-args", default="", help='extra vae-serve flags, e.g. "--max-queue-delay-ms 2"'
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="vae-serve --workers for the last rows (<2: skip)"
     )
     args = parser.parse_args(argv)
     if (args.repository is None) != (args.model is None):

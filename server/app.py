@@ -3,7 +3,7 @@
 Run: vae-serve --repository models [--host 0.0.0.0] [--port 8001] [--device auto|cpu|cuda]
                [--max-batch-size 1024] [--max-queue-delay-ms 1] [--metrics-port 9090]
                [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-token-file F]
-               [--reload-interval S]
+               [--reload-interval S] [--workers N]
 
 One port carries the typed API, the Open Inference Protocol (KServe v2, with Triton's
 ModelConfig), the standard ``grpc.health.v1`` service (NOT_SERVING until every model is loaded
@@ -12,7 +12,8 @@ Cross-cutting concerns are interceptors: the request observer (metrics, one log 
 failed call), then bearer-token auth. Prometheus metrics are served on their own HTTP port.
 SIGHUP (and ``--reload-interval``) rescans the repository (server/reload.py). SIGTERM: health
 goes NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get ``grace_period_s`` to
-finish, the process exits 0.
+finish, the process exits 0. ``--workers N`` (N > 1) runs N such processes on one port under a
+supervisor (server/workers.py).
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ from server.runner import OnnxRunner, ProviderUnavailable, select_providers
 from server.security import BearerTokenInterceptor, read_token, server_credentials
 from server.servicer import VaeServicer
 from server.settings import ServerSettings
+from server.workers import supervise
 from vaeserve_proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 
-__all__ = ["ServiceAdder", "SERVICES", "VaeServer", "create_server", "serve", "main"]
+__all__ = ["ServiceAdder", "SERVICES", "VaeServer", "create_server", "serve", "run", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +192,7 @@ async def create_server(
     services: Sequence[ServiceAdder] = SERVICES,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    reuse_port: bool = False,
 ) -> tuple[VaeServer, int]:
     """Build the server and bind its port; call ``start()`` on the result to serve.
 
@@ -200,6 +203,7 @@ async def create_server(
         interceptors: more grpc.aio server interceptors, outermost first; they run inside
             the request observer and the token check that ``settings`` asks for.
         credentials: TLS credentials; None: those of ``settings.tls_*``, or an insecure port.
+        reuse_port: share the port with other processes that set it too (``--workers``).
 
     Returns:
         (server, port): port is the bound one (useful with ``settings.port == 0``).
@@ -232,7 +236,8 @@ async def create_server(
         options=[
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
+            # A port in use is an error, not silently shared, unless our own workers share it.
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     names = [name for add in services for name in add(grpc_server, registry, settings)]
@@ -280,9 +285,18 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve(settings: ServerSettings) -> int:
-    """Serve until SIGTERM/SIGINT; return the process exit code."""
-    server, port = await create_server(settings)
+async def serve(
+    settings: ServerSettings,
+    reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; return the process exit code.
+
+    Args:
+        reuse_port: see ``create_server``.
+        on_ready: called once every model is loaded and warm (a worker tells its supervisor).
+    """
+    server, port = await create_server(settings, reuse_port=reuse_port)
     await server.start()
     logger.info("listening on %s", _address(settings.host, port))
     stop = asyncio.Event()
@@ -298,6 +312,8 @@ async def serve(settings: ServerSettings) -> int:
         logger.error("cannot serve: %s", ready.exception())
         code = 1
     else:
+        if ready.done() and on_ready is not None:
+            on_ready()
         await stopping
         logger.info("shutting down: in-flight calls get %.1f s", settings.grace_period_s)
     stopping.cancel()
@@ -330,9 +346,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``vae-serve`` command."""
     settings = ServerSettings.from_args(argv)
     configure_logging(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        return supervise(settings)
+    return run(settings)
+
+
+def run(
+    settings: ServerSettings,
+    reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Serve in this process (logging already configured); return the exit code."""
     keep_freed_memory()
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, reuse_port, on_ready))
     except (ProviderUnavailable, RepositoryError, RuntimeError, ValueError) as exc:
         logger.error("cannot start: %s", exc)
         return 2

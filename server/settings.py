@@ -67,6 +67,7 @@ class ServerSettings:
     tls_client_ca: Path | None = None  # PEM CA: clients must show a certificate it signed
     auth_token_file: Path | None = None  # every RPC but health needs "Bearer <its content>"
     reload_interval_s: float = 0.0  # rescan the repository this often; 0: on SIGHUP only
+    workers: int = 1  # server processes sharing the port (SO_REUSEPORT); see server/workers.py
     batching: BatchingSettings = field(default_factory=BatchingSettings)
 
     def __post_init__(self) -> None:
@@ -99,6 +100,7 @@ class ServerSettings:
         _check(
             self.reload_interval_s >= 0, "reload_interval_s", "seconds >= 0", self.reload_interval_s
         )
+        _check(self.workers >= 1, "workers", "an integer >= 1", self.workers)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
@@ -177,6 +179,7 @@ _FLAGS = (
         "rescan the repository every S seconds (0: on SIGHUP only)",
         aliases=("--reload-interval",),
     ),  # fmt: skip
+    _Flag("workers", int, "server processes sharing the port; >1: metrics on PORT+i each"),
     _Flag("max_batch_size", int, "rows per batched run; 1 switches batching off"),
     _Flag("max_queue_delay_ms", float, "how long a request may wait to share a batch"),
     _Flag("max_queue_size", int, "queued requests per graph before RESOURCE_EXHAUSTED"),

@@ -69,6 +69,7 @@ EVERY_FLAG = {
     "tls_client_ca": ("/etc/tls/ca.pem", Path("/etc/tls/ca.pem")),
     "auth_token_file": ("/run/secrets/token", Path("/run/secrets/token")),
     "reload_interval_s": ("30", 30.0),
+    "workers": ("2", 2),
 }
 
 
@@ -104,6 +105,7 @@ def test_every_flag_has_an_environment_variable_and_both_are_read():
         pytest.param({"VAESERVE_LOG_FORMAT": "xml"}, "log_format", id="log-format"),
         pytest.param({"VAESERVE_METRICS_PORT": "-1"}, "metrics_port", id="metrics-port"),
         pytest.param({"VAESERVE_RELOAD_INTERVAL_S": "-5"}, "reload_interval_s", id="reload"),
+        pytest.param({"VAESERVE_WORKERS": "0"}, "workers: expected", id="workers"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(env, message):
