@@ -55,15 +55,13 @@ class LocalSource:
     def model_info(self, model: str, version: int) -> ModelInfo:
         from server.errors import ModelNotFound
         from server.repository import ModelRegistry, RepositoryError
-        from server.runner import OnnxRunner, select_providers
+        from server.runner import runner_factory
         from server.settings import ServerSettings
 
         settings = ServerSettings(repository=self.repository, models=(model,), device=self.device)
-        providers = select_providers(settings.device)
-
-        def open_graph(path: Path) -> OnnxRunner:
-            return OnnxRunner(path, providers, settings.intra_op_threads, settings.inter_op_threads)
-
+        open_graph = runner_factory(
+            settings.device, settings.intra_op_threads, settings.inter_op_threads
+        )
         self._registry = ModelRegistry(settings, open_graph)
         try:
             self._call(self._registry.load())

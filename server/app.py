@@ -38,7 +38,7 @@ from server.observer import UNKNOWN_MODEL, RequestObserver
 from server.oip_servicer import GRAPHS, OipServicer
 from server.reload import Reloader, ReloadPlan
 from server.repository import ModelRegistry, RepositoryError
-from server.runner import OnnxRunner, ProviderUnavailable, select_providers
+from server.runner import ProviderUnavailable, runner_factory
 from server.security import BearerTokenInterceptor, read_token, server_credentials
 from server.servicer import VaeServicer
 from server.settings import ServerSettings
@@ -214,15 +214,15 @@ async def create_server(
         ValueError: a TLS or token file that is missing, unreadable or malformed.
         RuntimeError: the address cannot be bound.
     """
-    providers = select_providers(settings.device)
+    open_graph = runner_factory(
+        settings.device, settings.intra_op_threads, settings.inter_op_threads
+    )
     if not settings.repository.is_dir():
         raise RepositoryError(f"repository {settings.repository} is not a folder")
     credentials = credentials or _credentials(settings)
     registry = ModelRegistry(
         settings,
-        lambda path: OnnxRunner(
-            path, providers, settings.intra_op_threads, settings.inter_op_threads
-        ),
+        open_graph,
         ServerMetrics(settings.batching.max_batch_size),
     )
     # Outermost first: the observer also counts and logs the calls that auth turns away.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +19,7 @@ __all__ = [
     "ProviderUnavailable",
     "OnnxRunner",
     "select_providers",
+    "runner_factory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,12 +84,18 @@ class OnnxRunner:
         providers: list[str],
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        allow_fallback: bool = False,
     ):
         """Open the graph at ``path``.
 
+        Args:
+            allow_fallback: accept (and log) a session on a later provider when the first
+                cannot be initialised — ``--device auto``, where onnxruntime-gpu offers CUDA
+                on a host whose GPU or driver is missing.
+
         Raises:
-            ProviderUnavailable: the first provider asked for could not be initialised
-                (onnxruntime would otherwise fall back to the next one silently).
+            ProviderUnavailable: the first provider asked for could not be initialised and
+                ``allow_fallback`` is false (onnxruntime would otherwise fall back silently).
         """
         self.path = str(path)
         self._session = ort.InferenceSession(
@@ -97,7 +104,14 @@ class OnnxRunner:
             providers=providers,
         )
         self.provider = self._session.get_providers()[0]
-        if self.provider != providers[0]:
+        if self.provider != providers[0] and allow_fallback:
+            logger.warning(
+                "%s: %s failed to initialise; device auto uses %s",
+                self.path,
+                providers[0],
+                self.provider,
+            )
+        elif self.provider != providers[0]:
             raise ProviderUnavailable(
                 f"{self.path}: {providers[0]} failed to initialise (onnxruntime fell back to "
                 f"{self.provider}); check the CUDA/cuDNN installation"
@@ -114,3 +128,25 @@ class OnnxRunner:
         """Run the graph once on a batch; every output keeps the batch axis first."""
         outputs = self._session.run(self.output_names, dict(inputs))
         return dict(zip(self.output_names, outputs, strict=True))
+
+
+def runner_factory(
+    device: str, intra_op_threads: int = 0, inter_op_threads: int = 0
+) -> Callable[[str | os.PathLike[str]], OnnxRunner]:
+    """Choose the providers for ``device`` once; the result opens each graph with them.
+
+    Raises:
+        ProviderUnavailable / ValueError: as ``select_providers``.
+    """
+    providers = select_providers(device)
+
+    def open_graph(path: str | os.PathLike[str]) -> OnnxRunner:
+        return OnnxRunner(
+            path,
+            providers,
+            intra_op_threads,
+            inter_op_threads,
+            allow_fallback=device == "auto",
+        )
+
+    return open_graph

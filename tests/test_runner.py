@@ -95,6 +95,21 @@ def test_a_session_that_silently_falls_back_to_cpu_is_refused(offered, double_gr
             OnnxRunner(double_graph, select_providers("cuda"))
 
 
+def test_auto_falls_back_to_cpu_when_cuda_is_offered_but_fails(offered, double_graph, caplog):
+    # onnxruntime-gpu on a host without a usable GPU still lists CUDA: `auto` must then serve
+    # on the CPU (and say so), where `cuda` refuses to start (test above).
+    if CUDA_PROVIDER in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a working CUDA provider")
+    offered(WITH_CUDA)
+    with caplog.at_level(logging.WARNING, logger="server.runner"):
+        with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
+            runner = OnnxRunner(double_graph, select_providers("auto"), allow_fallback=True)
+    assert runner.provider == CPU_PROVIDER
+    assert "device auto uses CPUExecutionProvider" in caplog.text
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_array_equal(runner.run({"x": x})["y"], 2 * x)
+
+
 @pytest.mark.parametrize("intra, inter", [(0, 0), (1, 1)])
 def test_runner_runs_the_graph_and_reports_its_signature(double_graph, intra, inter):
     runner = OnnxRunner(double_graph, [CPU_PROVIDER], intra, inter)
