@@ -1,4 +1,4 @@
 """The vaeserve gRPC server: onnxruntime sessions, dynamic batching, the typed API.
 
-Kept light: importing the server must never import torch.
+Kept light: the server runs without torch installed, and importing it never loads torch.
 """
