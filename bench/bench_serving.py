@@ -71,8 +71,14 @@ def process_cpu_s(pid: int) -> float:
     return total
 
 
-def export_reference_model(root: Path) -> tuple[Path, str]:
-    """A random-weight reference model, exported as <root>/models/reference/1."""
+def export_reference_model(
+    root: Path, arch: str = "mlp", name: str = "reference"
+) -> tuple[Path, str]:
+    """A random-weight reference model, exported as <root>/models/<name>/1.
+
+    arch "mlp": DESIGN.md's 32 -> 512 -> 512 -> 784 decoder; "conv": training's default conv
+    channels (stride-2 convolutions 32, 64), also to 1x28x28.
+    """
     import torch
 
     from export.onnx_export import export_checkpoint
@@ -80,7 +86,8 @@ def export_reference_model(root: Path) -> tuple[Path, str]:
     from training.config import ModelConfig
     from training.model import build_model
 
-    config = ModelConfig(data_shape=(1, 28, 28), latent_dim=32, hidden_dims=(512, 512))
+    hidden = (512, 512) if arch == "mlp" else (32, 64)
+    config = ModelConfig(data_shape=(1, 28, 28), latent_dim=32, hidden_dims=hidden, arch=arch)
     torch.manual_seed(0)
     model = build_model(config)
     data_info = {  # no data set on disk: the exporter's parity gate uses synthetic images
@@ -93,14 +100,14 @@ def export_reference_model(root: Path) -> tuple[Path, str]:
         "split_seed": 0,
     }
     checkpoint = save_checkpoint(
-        root / "reference.pt",
+        root / f"{name}.pt",
         model_config=config,
         state_dict=model.state_dict(),
         train_config={},
         data_info=data_info,
     )
-    export_checkpoint(checkpoint, root / "models", "reference", version=1)
-    return root / "models", "reference"
+    export_checkpoint(checkpoint, root / "models", name, version=1)
+    return root / "models", name
 
 
 def in_process_rates(decoder: Path, latent_dim: int, window_s: float) -> dict[int, Row]:
