@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from export.manifest import sha256_of_file
 from training.atomic import write_atomically
 
 __all__ = [
@@ -240,7 +241,7 @@ def verify_shard(out_dir: Path, record: ShardRecord) -> bool:
         if target.is_dir():
             files = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
             return _listing_sha256(files) == record.sha256
-        return _file_sha256(target) == record.sha256
+        return sha256_of_file(target) == record.sha256
     except OSError:
         return False
 
@@ -307,14 +308,6 @@ def _listing_sha256(files: dict[str, bytes]) -> str:
         f"{hashlib.sha256(files[name]).hexdigest()}  {name}\n" for name in sorted(files)
     )
     return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_synced(path: Path, data: bytes) -> None:

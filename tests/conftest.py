@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -44,3 +44,9 @@ def torch_single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def figure(request) -> Callable[[str, object], None]:
+    """Records a figure of the test in its report (user_properties), for docs/reliability.md."""
+    return lambda name, value: request.node.user_properties.append((name, value))

@@ -45,12 +45,6 @@ ROWS = 64  # max_batch_size of the servers that hold batches
 _SERVE = "import sys; from server.app import main; sys.exit(main())"  # vae-serve
 
 
-@pytest.fixture
-def figure(request) -> Callable[[str, object], None]:
-    """Records a figure of the test in its report (user_properties), for docs/reliability.md."""
-    return lambda name, value: request.node.user_properties.append((name, value))
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     return tiny_repository(tmp_path_factory)

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,12 +35,6 @@ _COMMAND = [sys.executable, "-c", "import sys; from client.generate import main;
 JOB = ["--num", "2900", "--shard-size", "250", "--request-size", "20", "--seed", "5"]
 JOB += ["--concurrency", "2", "--no-progress"]
 SHARD_BYTES = 66_512  # one npz shard of 250 samples of 1x8x8 float32 and their labels
-
-
-@pytest.fixture
-def figure(request) -> Callable[[str, object], None]:
-    """Records a figure of the test in its report (user_properties), for docs/reliability.md."""
-    return lambda name, value: request.node.user_properties.append((name, value))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -24,12 +23,6 @@ from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
 T = 30.0  # per-call deadline: a refusal that takes a sizeable part of it is not "prompt"
 SOAK = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
 LARGE = 4096  # rows of one overload request: 64 batches of 64
-
-
-@pytest.fixture
-def figure(request) -> Callable[[str, object], None]:
-    """Records a figure of the test in its report (user_properties), for docs/reliability.md."""
-    return lambda name, value: request.node.user_properties.append((name, value))
 
 
 @pytest.fixture(scope="module")
