@@ -4,10 +4,19 @@ Requests queue in arrival order. A batch closes when it holds ``max_batch_size``
 when its oldest request has waited ``max_queue_delay_ms``; a request larger than a batch is
 split across batches, and several small ones share one. Rows in = rows out: each request
 gets exactly its rows, in order (pytriton's invariant). Requests whose client cancelled or
-whose deadline passed leave the queue without being computed. The run happens on a thread of
-the batcher's own (onnxruntime releases the GIL), so the event loop keeps accepting calls
-while a batch computes. If a batched run fails, each request of that batch is run alone, so
-one bad request never fails its batch-mates.
+whose deadline passed leave the queue without being computed. If a batched run fails, each
+request of that batch is run alone, so one bad request never fails its batch-mates.
+
+Two measured choices (docs/performance.md) keep a lone caller's latency low:
+- The queue delay is only spent when it can buy company: while batches recently held more
+  than one request (``queue_delay_policy`` "adaptive", the default; "always" waits for every
+  batch, as Triton does). A lone closed-loop caller never has company, so waiting would only
+  add the delay to every call; its first batch-mate turns the wait back on. Requests that
+  arrive while a batch computes share the next batch either way.
+- A run goes to the batcher's own thread (onnxruntime releases the GIL, so the event loop
+  keeps accepting calls meanwhile), unless runs of that size have been measured to take less
+  than ``INLINE_RUN_S``: then it runs on the event loop itself, because handing it to the
+  thread and back costs more CPU and latency than the run.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +36,24 @@ import numpy as np
 from server.errors import DeadlineExceeded, NotServing, QueueFull
 from server.settings import BatchingSettings
 
-__all__ = ["Runner", "BatchObserver", "BatchStats", "DynamicBatcher", "THREAD_PREFIX"]
+__all__ = [
+    "Runner",
+    "BatchObserver",
+    "BatchStats",
+    "DynamicBatcher",
+    "THREAD_PREFIX",
+    "COMPANY_MEMORY_S",
+    "INLINE_RUN_S",
+]
 
 logger = logging.getLogger(__name__)
 
 THREAD_PREFIX = "vaeserve-batcher"
 Arrays = dict[str, np.ndarray]
+# How long after the last batch shared by several requests the queue delay is still spent.
+COMPANY_MEMORY_S = 1.0
+# Runs measured faster than this go on the event loop (a thread hand-off costs ~0.1-0.2 ms).
+INLINE_RUN_S = 200e-6
 
 
 class Runner(Protocol):
@@ -75,6 +97,7 @@ class BatchStats:
     failed_runs: int = 0
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)  # rows
     requests_per_batch: collections.Counter[int] = field(default_factory=collections.Counter)
+    inline_runs: int = 0  # batches run on the event loop rather than the worker thread
 
 
 class _Request:
@@ -138,6 +161,10 @@ class DynamicBatcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{THREAD_PREFIX}-{name}")
+        self._shared_at = -math.inf  # clock time of the last batch that held several requests
+        self._always_wait = settings.queue_delay_policy == "always"
+        # Last measured run time by rows.bit_length(): the inline/thread choice per size.
+        self._run_s: dict[int, float] = {}
 
     async def start(self) -> None:
         """Start the worker thread and the batching task on the running loop.
@@ -223,6 +250,8 @@ class DynamicBatcher:
             raise
 
     async def _wait_for_company(self) -> None:
+        if not self._always_wait and self._clock() - self._shared_at > COMPANY_MEMORY_S:
+            return
         # A sweep may empty the queue while this waits.
         while self._queue and self._queued_rows < self._max_rows and not self._stopping:
             remaining = self._queue[0].enqueued + self._delay_s - self._clock()
@@ -264,6 +293,8 @@ class DynamicBatcher:
             room -= count
             if request.taken == request.rows:
                 self._queue.popleft()
+        if len(batch) > 1:
+            self._shared_at = now
         return batch
 
     def _sweep(self) -> None:
@@ -303,9 +334,14 @@ class DynamicBatcher:
         self.stats.rows += rows
         self.stats.batch_sizes[rows] += 1
         self.stats.requests_per_batch[len(batch)] += 1
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        results = await loop.run_in_executor(self._executor, self._compute, batch)
+        inline = self._run_s.get(rows.bit_length(), math.inf) < INLINE_RUN_S
+        if inline:
+            self.stats.inline_runs += 1
+            results = self._compute(batch)
+        else:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, self._compute, batch)
         self._observer.on_batch(rows, time.perf_counter() - start)
         for (request, start, end), result in zip(batch, results, strict=True):
             if request.future.done():
@@ -317,6 +353,10 @@ class DynamicBatcher:
             request.done += end - start
             if request.done == request.rows:
                 request.future.set_result(_join(request.pieces))
+        if inline:
+            # Give the loop a turn before the next batch: answers go out and new calls come
+            # in (and fill the queue, so its bound still refuses an overload).
+            await asyncio.sleep(0)
 
     def _fail_all(self, exc: BaseException) -> None:
         logger.error("%s: batching task ended unexpectedly", self.name, exc_info=exc)
@@ -330,7 +370,11 @@ class DynamicBatcher:
     def _compute(self, batch: list[_Slice]) -> list[Arrays | BaseException]:
         """Run one batch; on failure run each slice alone so only the culprit fails."""
         try:
-            outputs = self._runner.run(_gather(batch))
+            inputs = _gather(batch)
+            start = time.perf_counter()
+            outputs = self._runner.run(inputs)
+            rows = len(next(iter(inputs.values())))
+            self._run_s[rows.bit_length()] = time.perf_counter() - start
         except Exception as exc:
             self.stats.failed_runs += 1
             if len(batch) == 1:

@@ -14,13 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEVICES", "ENV_PREFIX", "LOG_FORMATS", "BatchingSettings", "ServerSettings"]
+__all__ = [
+    "DEVICES",
+    "ENV_PREFIX",
+    "LOG_FORMATS",
+    "QUEUE_DELAY_POLICIES",
+    "BatchingSettings",
+    "ServerSettings",
+]
 
 DEVICES = ("auto", "cpu", "cuda")
 ENV_PREFIX = "VAESERVE_"
 _MIB = 1 << 20
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+# adaptive: spend the queue delay only while recent batches held several requests (a lone
+# caller never waits); always: every batch may wait the delay for company (Triton's rule).
+QUEUE_DELAY_POLICIES = ("adaptive", "always")
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,7 @@ class BatchingSettings:
     max_batch_size: int = 1024  # rows per onnxruntime run; larger requests are split
     max_queue_delay_ms: float = 1.0  # how long the oldest queued request may wait for company
     max_queue_size: int = 1024  # requests waiting per graph before RESOURCE_EXHAUSTED
+    queue_delay_policy: str = "adaptive"  # one of QUEUE_DELAY_POLICIES
 
     def __post_init__(self) -> None:
         _check(self.max_batch_size >= 1, "max_batch_size", "an integer >= 1", self.max_batch_size)
@@ -40,6 +51,12 @@ class BatchingSettings:
             self.max_queue_delay_ms,
         )
         _check(self.max_queue_size >= 1, "max_queue_size", "an integer >= 1", self.max_queue_size)
+        _check(
+            self.queue_delay_policy in QUEUE_DELAY_POLICIES,
+            "queue_delay_policy",
+            " or ".join(QUEUE_DELAY_POLICIES),
+            self.queue_delay_policy,
+        )
 
 
 @dataclass(frozen=True)
@@ -183,6 +200,12 @@ _FLAGS = (
     _Flag("max_batch_size", int, "rows per batched run; 1 switches batching off"),
     _Flag("max_queue_delay_ms", float, "how long a request may wait to share a batch"),
     _Flag("max_queue_size", int, "queued requests per graph before RESOURCE_EXHAUSTED"),
+    _Flag(
+        "queue_delay_policy",
+        str,
+        "adaptive (default): wait the queue delay only while recent batches were shared; "
+        "always: every batch may wait it",
+    ),  # fmt: skip
 )
 _BATCHING_FIELDS = frozenset(f.name for f in dataclasses.fields(BatchingSettings))
 
@@ -239,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["metavar"] = "NAME[,NAME...]"
         if flag.name == "log_format":
             kwargs["choices"] = LOG_FORMATS
+        if flag.name == "queue_delay_policy":
+            kwargs["choices"] = QUEUE_DELAY_POLICIES
         parser.add_argument(option, *flag.aliases, **kwargs)
     return parser
 

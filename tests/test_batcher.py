@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.batcher import DynamicBatcher
+from server.batcher import COMPANY_MEMORY_S, INLINE_RUN_S, THREAD_PREFIX, DynamicBatcher
 from server.errors import DeadlineExceeded, NotServing, QueueFull
 from server.settings import BatchingSettings
 
@@ -146,18 +146,111 @@ def test_a_failing_run_fails_only_its_own_batch():
     assert failed_runs == 1
 
 
-def test_lone_request_is_released_after_the_max_queue_delay():
+def test_a_lone_caller_never_waits_for_company():
+    runner = FakeRunner()
+    delay_ms = 500.0
+
+    async def scenario(batcher):
+        start = time.monotonic()
+        for i in range(3):
+            await batcher.run(rows(i, 1))
+        return time.monotonic() - start
+
+    waited_s = run_batcher(runner, batching(max_queue_delay_ms=delay_ms), scenario)
+    assert runner.sizes() == [1, 1, 1]
+    assert waited_s < delay_ms / 1000  # three calls in less than one delay
+
+
+def test_policy_always_makes_even_a_lone_caller_wait_the_delay():
     runner = FakeRunner()
     delay_ms = 30.0
 
     async def scenario(batcher):
         start = time.monotonic()
-        result = await batcher.run(rows(0, 1))
-        return result, time.monotonic() - start
+        await batcher.run(rows(0, 1))
+        return time.monotonic() - start
 
-    result, waited_s = run_batcher(runner, batching(max_queue_delay_ms=delay_ms), scenario)
+    settings = BatchingSettings(4, delay_ms, 64, queue_delay_policy="always")
+    waited_s = run_batcher(runner, settings, scenario)
     assert runner.sizes() == [1]
     assert waited_s >= delay_ms / 1000 * 0.9  # the loop's timer may round a little early
+
+
+def test_after_a_shared_batch_a_request_waits_the_delay_for_company():
+    runner = FakeRunner(gate=threading.Event())
+    delay_ms = 30.0
+
+    async def scenario(batcher):
+        busy = asyncio.ensure_future(batcher.run(rows(0, 1)))
+        await started(runner)
+        pair = [asyncio.ensure_future(batcher.run(rows(10 + i, 1))) for i in range(2)]
+        await asyncio.sleep(0)  # both queue while the runner is busy: they share the next batch
+        runner.gate.set()
+        await asyncio.gather(busy, *pair)
+        start = time.monotonic()
+        await batcher.run(rows(20, 1))
+        return time.monotonic() - start
+
+    waited_s = run_batcher(runner, batching(max_queue_delay_ms=delay_ms), scenario)
+    assert runner.batches == [[0], [10, 11], [20]]
+    assert waited_s >= delay_ms / 1000 * 0.9  # the loop's timer may round a little early
+
+
+def test_company_is_forgotten_after_a_quiet_second():
+    runner = FakeRunner(gate=threading.Event())
+    clock = FakeClock()
+    delay_ms = 500.0
+
+    async def scenario(batcher):
+        busy = asyncio.ensure_future(batcher.run(rows(0, 1)))
+        await started(runner)
+        pair = [asyncio.ensure_future(batcher.run(rows(10 + i, 1))) for i in range(2)]
+        await asyncio.sleep(0)
+        runner.gate.set()
+        await asyncio.gather(busy, *pair)
+        clock.now += COMPANY_MEMORY_S + 0.1
+        start = time.monotonic()
+        await batcher.run(rows(20, 1))
+        return time.monotonic() - start
+
+    waited_s = run_batcher(runner, batching(max_queue_delay_ms=delay_ms), scenario, clock=clock)
+    assert runner.batches == [[0], [10, 11], [20]]
+    assert waited_s < delay_ms / 1000
+
+
+class ThreadRecordingRunner(FakeRunner):
+    """Records the thread of each run; each run takes at least ``run_s``."""
+
+    def __init__(self, run_s: float):
+        super().__init__()
+        self.run_s = run_s
+        self.threads: list[str] = []
+
+    def run(self, inputs):
+        self.threads.append(threading.current_thread().name)
+        deadline = time.perf_counter() + self.run_s
+        while time.perf_counter() < deadline:
+            pass
+        return super().run(inputs)
+
+
+@pytest.mark.parametrize("run_s, inline", [(0.0, True), (10 * INLINE_RUN_S, False)])
+def test_runs_measured_cheaper_than_a_hand_off_run_on_the_event_loop(run_s, inline):
+    runner = ThreadRecordingRunner(run_s)
+
+    async def scenario(batcher):
+        for i in range(3):
+            await batcher.run(rows(i, 2))
+        await batcher.run(rows(10, 100))  # a size never measured: the worker thread
+        return batcher.stats.inline_runs
+
+    inline_runs = run_batcher(runner, batching(max_batch_size=128), scenario)
+    main = threading.main_thread().name
+    first, *same_size, larger = runner.threads
+    assert first.startswith(THREAD_PREFIX)  # unmeasured: the worker thread measures it
+    assert larger.startswith(THREAD_PREFIX)
+    assert all((name == main) == inline for name in same_size)
+    assert inline_runs == (2 if inline else 0)
 
 
 def test_full_queue_raises_queue_full_and_admits_again_once_drained():

@@ -254,8 +254,12 @@ def test_calls_waiting_inside_grpc_when_the_server_stops_get_unavailable(models)
 
 @pytest.fixture(scope="module")
 def holding(models):
-    """A server whose batches close only when full (ROWS rows): lone requests wait."""
-    server = ServerThread(_settings(models, max_batch_size=ROWS, max_queue_delay_ms=HOLD_MS))
+    """A server whose batches close only when full (ROWS rows): even lone requests wait."""
+    server = ServerThread(
+        _settings(
+            models, max_batch_size=ROWS, max_queue_delay_ms=HOLD_MS, queue_delay_policy="always"
+        )
+    )
     yield server
     server.stop()
 
@@ -341,7 +345,13 @@ def test_calls_that_expire_or_are_cancelled_in_the_queue_are_never_computed(hold
 @pytest.fixture(scope="module")
 def holding_four(models):
     """A server that holds lone requests (as ``holding``) and queues at most 4 per graph."""
-    settings = _settings(models, max_batch_size=ROWS, max_queue_delay_ms=HOLD_MS, max_queue_size=4)
+    settings = _settings(
+        models,
+        max_batch_size=ROWS,
+        max_queue_delay_ms=HOLD_MS,
+        max_queue_size=4,
+        queue_delay_policy="always",
+    )
     server = ServerThread(settings)
     yield server
     server.stop()
@@ -580,7 +590,12 @@ def poisoned(models, tmp_path_factory):
     _poison_decoder(_publish(models / VAE / "1", repository, VAE, 1))
     _publish(models / CVAE / "1", repository, CVAE, 1)
     server = ServerThread(
-        _settings(repository, max_batch_size=FAILING_BATCH, max_queue_delay_ms=HOLD_MS)
+        _settings(
+            repository,
+            max_batch_size=FAILING_BATCH,
+            max_queue_delay_ms=HOLD_MS,
+            queue_delay_policy="always",
+        )
     )
     yield server
     server.stop()

@@ -119,6 +119,9 @@ def test_a_short_soak_has_no_failures_but_refusals_and_recovers_from_each_burst(
     command += ["--cvae", CVAE, "--duration-s", "12", "--clients", "16"]
     command += ["--burst-clients", "48", "--overload-every-s", "4", "--overload-s", "1.5"]
     command += ["--max-queue-size", "24", "--sample-every-s", "1", "--json", str(summary_path)]
+    # The tiny models run a 1024-row batch in microseconds; 64-row batches keep each burst
+    # request queued for 64 runs, so 48 of them overflow the queue as on a real model.
+    command += ["--serve-args", "--max-batch-size 64"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads(summary_path.read_text())
