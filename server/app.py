@@ -1,7 +1,8 @@
 """The gRPC server: builds it, starts it, loads the models, and shuts it down gracefully.
 
 Run: vae-serve --repository models [--host 0.0.0.0] [--port 8001] [--device auto|cpu|cuda]
-               [--max-batch-size 1024] [--max-queue-delay-ms 1] [--metrics-port 9090]
+               [--max-batch-size 1024] [--max-queue-delay-ms 1]
+               [--queue-delay-policy adaptive|always] [--metrics-port 9090]
                [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-token-file F]
                [--reload-interval S] [--workers N]
 
