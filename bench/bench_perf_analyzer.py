@@ -9,13 +9,14 @@ CPU server, found under the nvidia-cuda-runtime-cu12 wheel (this script puts tha
 LD_LIBRARY_PATH).
 
 Run (project venv): python bench/bench_perf_analyzer.py [--pa-venv /tmp/pa] [--interval-ms 2000]
-    [--serve-args "--max-queue-delay-ms 0"] [--cases 1x1,1x8,1x32,64x4,1024x2]
+    [--stability-percentage 25] [--serve-args "--max-queue-delay-ms 0"]
+    [--cases 1x1,1x8,1x32,64x4,1024x2]
 
 It exports bench_serving's random-weight reference MLP (32 -> 512 -> 512 -> 784), starts
 vae-serve on 127.0.0.1 and a free port (default settings, CPU), and runs
     perf_analyzer -i grpc -u 127.0.0.1:PORT -m reference-decoder -b B --concurrency-range C
 for B x C = 1x1, 1x8, 1x32, 64x4, 1024x2 (time windows of --interval-ms, perf_analyzer's
-own stability rule, at most 5 trials). Samples/s is perf_analyzer's inferences/s (requests x
+stability rule with --stability-percentage, at most 8 trials). Samples/s is perf_analyzer's inferences/s (requests x
 batch); p50/p99 are its client-side latencies. Beside each: the decoder in-process at that
 batch (the server's OnnxRunner, bench_serving.in_process_rates) and the ratio.
 """
@@ -44,7 +45,8 @@ def perf_analyzer(pa: Path, port: int, model: str, batch: int, conc: int, args, 
     command = [str(pa), "-i", "grpc", "-u", f"127.0.0.1:{port}", "-m", model]
     command += ["-b", str(batch), "--concurrency-range", str(conc)]
     command += ["--measurement-mode", "time_windows", "-p", str(args.interval_ms)]
-    command += ["--max-trials", "5", "-f", str(out)]
+    command += ["--max-trials", "8", "--stability-percentage", str(args.stability_percentage)]
+    command += ["-f", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"perf_analyzer failed ({done.returncode}):\n{done.stdout}{done.stderr}")
@@ -57,6 +59,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pa-venv", type=Path, default=Path("/tmp/pa"))
     parser.add_argument("--interval-ms", type=int, default=2000)
+    parser.add_argument(
+        "--stability-percentage",
+        type=int,
+        default=25,
+        help="perf_analyzer's allowed spread between windows (its default 10 rarely settles "
+        "on shared cores)",
+    )
     parser.add_argument("--serve-args", default="", help="extra vae-serve flags")
     parser.add_argument(
         "--cases", default=",".join(f"{b}x{c}" for b, c in CASES), help="batchxconcurrency,..."

@@ -13,7 +13,8 @@ vae-export's Python API, so it needs the train extra (torch) in this process onl
      its own, against one server process and against --workers N: SO_REUSEPORT spreads
      connections, not calls, so one shared channel would reach one worker only.
 It prints one table: samples/s, p50/p99 latency, and each rate as a ratio to in-process.
-The load generator shares the machine's cores with the server, as a local client would.
+The load generator shares the machine's cores with the server, as a local client would, and
+reads each answer's samples into a numpy array as VaeClient does (client.AnswerStub).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from client.client import AnswerStub
 from server.app import keep_freed_memory
 from server.runner import CPU_PROVIDER, OnnxRunner
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
@@ -202,7 +204,8 @@ async def drive(
                 model=pb.ModelRef(name=model), num_samples=n, seed=seed + calls, encoding=encoding
             )
             start = time.perf_counter()
-            await stub.Sample(request, timeout=60)
+            answer = await stub.Sample(request, timeout=60)
+            answer.tensor("samples")  # the array a user gets (a view of the received bytes)
             if record:
                 latencies.append(time.perf_counter() - start)
             calls += 1
@@ -232,7 +235,7 @@ async def served_rows(
     address = f"127.0.0.1:{server.port}"
     opened = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
     try:
-        stubs = [pb_grpc.VaeServiceStub(channel) for channel in opened]
+        stubs = [AnswerStub(channel) for channel in opened]
         for stub in stubs:  # each connection may reach a different worker
             await wait_ready(stub, model)
         rows = []

@@ -16,14 +16,15 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf import message_factory
 
-from client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult, optional_tensor
+from client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult
 from client.retry import Retrier, RetryPolicy, call_with_retry
-from client.tensors import ENCODINGS, OUTPUTS, from_tensor, to_tensor
+from client.tensors import ENCODINGS, OUTPUTS, answer_parser, to_tensor
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
-__all__ = ["VaeClient"]
+__all__ = ["VaeClient", "AnswerStub"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class VaeClient:
             self._channels = [
                 grpc.insecure_channel(a, options=channel_options) for a in self.addresses
             ]
-        self._stubs = [pb_grpc.VaeServiceStub(c) for c in self._channels]
+        self._stubs = [AnswerStub(c) for c in self._channels]
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
@@ -102,7 +103,7 @@ class VaeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _next_stub(self) -> pb_grpc.VaeServiceStub:
+    def _next_stub(self) -> AnswerStub:
         with self._lock:
             return self._stubs[next(self._turn) % len(self._stubs)]
 
@@ -177,7 +178,7 @@ class VaeClient:
             return_latents=return_latents,
             start_index=start_index,
         )
-        return SampleResult.from_proto(self._unary("Sample", request, timeout_s))
+        return SampleResult.from_answer(self._unary("Sample", request, timeout_s))
 
     def sample_stream(
         self,
@@ -228,8 +229,8 @@ class VaeClient:
                 metadata=self._metadata,
             )
             try:
-                for resp in call:
-                    chunk = SampleResult.from_proto(resp)
+                for answer in call:
+                    chunk = SampleResult.from_answer(answer)
                     # Pinned so that a resumed stream continues the same sequence and model.
                     request.seed = chunk.seed
                     request.model.version = chunk.model_version
@@ -263,14 +264,14 @@ class VaeClient:
             num_draws=num_draws,
             seed=seed,
         )
-        resp = self._unary("Encode", request, timeout_s)
+        answer = self._unary("Encode", request, timeout_s)
         return EncodeResult(
-            model_name=resp.model_name,
-            model_version=resp.model_version,
-            mu=from_tensor(resp.mu),
-            logvar=from_tensor(resp.logvar),
-            z=optional_tensor(resp, "z"),
-            seed=resp.seed,
+            model_name=answer.message.model_name,
+            model_version=answer.message.model_version,
+            mu=answer.tensor("mu"),
+            logvar=answer.tensor("logvar"),
+            z=answer.optional_tensor("z"),
+            seed=answer.message.seed,
         )
 
     def decode(
@@ -294,12 +295,12 @@ class VaeClient:
             seed=seed,
             encoding=_choice("encoding", encoding, ENCODINGS),
         )
-        resp = self._unary("Decode", request, timeout_s)
+        answer = self._unary("Decode", request, timeout_s)
         return DecodeResult(
-            model_name=resp.model_name,
-            model_version=resp.model_version,
-            x=from_tensor(resp.x),
-            seed=resp.seed,
+            model_name=answer.message.model_name,
+            model_version=answer.message.model_version,
+            x=answer.tensor("x"),
+            seed=answer.message.seed,
         )
 
     def reconstruct(
@@ -319,7 +320,38 @@ class VaeClient:
             labels=_labels(labels),
             encoding=_choice("encoding", encoding, ENCODINGS),
         )
-        return from_tensor(self._unary("Reconstruct", request, timeout_s).x)
+        return self._unary("Reconstruct", request, timeout_s).tensor("x")
+
+
+# Answers holding tensors, and the tensor fields of each: parsed into client.tensors.Answer.
+_TENSOR_ANSWERS = {
+    "Sample": ("samples", "labels", "latents"),
+    "SampleStream": ("samples", "labels", "latents"),
+    "Encode": ("mu", "logvar", "z"),
+    "Decode": ("x",),
+    "Reconstruct": ("x",),
+}
+
+
+class AnswerStub(pb_grpc.VaeServiceStub):
+    """The generated stub, except that answers holding tensors come as ``Answer``s whose
+    tensor bytes stay in gRPC's buffer (``answer_parser``) instead of being copied out by
+    protobuf. Works on ``grpc`` and ``grpc.aio`` channels alike."""
+
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel):
+        super().__init__(channel)
+        service = pb.DESCRIPTOR.services_by_name["VaeService"]
+        for name, fields in _TENSOR_ANSWERS.items():
+            method = service.methods_by_name[name]
+            make = channel.unary_stream if method.server_streaming else channel.unary_unary
+            request_class = message_factory.GetMessageClass(method.input_type)
+            answer_class = message_factory.GetMessageClass(method.output_type)
+            callable_ = make(
+                f"/{service.full_name}/{name}",
+                request_serializer=request_class.SerializeToString,
+                response_deserializer=answer_parser(answer_class, *fields),
+            )
+            setattr(self, name, callable_)
 
 
 def _sample_request(

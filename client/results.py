@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from client.tensors import dtype_name, from_tensor
+from client.tensors import Answer, dtype_name
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 
 __all__ = ["ModelInfo", "SampleResult", "EncodeResult", "DecodeResult", "optional_tensor"]
@@ -78,14 +78,19 @@ class SampleResult:
 
     @classmethod
     def from_proto(cls, resp: pb.SampleResponse) -> SampleResult:
+        return cls.from_answer(Answer(resp, {}))
+
+    @classmethod
+    def from_answer(cls, answer: Answer) -> SampleResult:
+        resp = answer.message
         return cls(
             model_name=resp.model_name,
             model_version=resp.model_version,
             seed=resp.seed,
             start_index=resp.start_index,
-            samples=from_tensor(resp.samples),
-            labels=optional_tensor(resp, "labels"),
-            latents=optional_tensor(resp, "latents"),
+            samples=answer.tensor("samples"),
+            labels=answer.optional_tensor("labels"),
+            latents=answer.optional_tensor("latents"),
         )
 
 
@@ -108,7 +113,5 @@ class DecodeResult:
 
 
 def optional_tensor(message: Any, field: str) -> np.ndarray | None:
-    # An unset tensor, or one the server left empty (labels of a plain VAE), means "none".
-    if not message.HasField(field) or not getattr(message, field).shape:
-        return None
-    return from_tensor(getattr(message, field))
+    """A tensor field's array, or None for one unset or left empty (labels of a plain VAE)."""
+    return Answer(message, {}).optional_tensor(field)

@@ -1,15 +1,26 @@
-"""numpy arrays ↔ ``vaeserve.v1.Tensor`` (dtype + shape + raw little-endian C-order bytes)."""
+"""numpy arrays ↔ ``vaeserve.v1.Tensor`` (dtype + shape + raw little-endian C-order bytes).
+
+Answers are parsed by ``answer_parser``: the tensors' bytes stay where gRPC received them
+(``protowire.detach``) and protobuf parses only the small rest, so a 12.8 MB answer costs no
+copy after gRPC's own.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import numpy as np
 
+import protowire
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 
 __all__ = [
     "ENCODINGS",
     "OUTPUTS",
     "DTYPE_NAMES",
+    "Answer",
+    "answer_parser",
     "to_tensor",
     "from_tensor",
     "dtype_name",
@@ -63,8 +74,12 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(dtype=code, shape=array.shape, data=data)
 
 
-def from_tensor(tensor: pb.Tensor) -> np.ndarray:
-    """The array a wire tensor holds; a read-only view of the message's bytes (no copy).
+def from_tensor(tensor: pb.Tensor, data: memoryview | None = None) -> np.ndarray:
+    """The array a wire tensor holds; a read-only view of the received bytes (no copy).
+
+    Args:
+        data: the tensor's bytes when ``answer_parser`` took them out of the message
+            (None: ``tensor.data``).
 
     Raises:
         ValueError: an unknown dtype, or data whose length disagrees with the shape.
@@ -72,11 +87,47 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     dtype = _NUMPY.get(tensor.dtype)
     if dtype is None:
         raise ValueError(f"tensor dtype {tensor.dtype} is unknown")
+    raw = tensor.data if data is None else data
     shape = tuple(tensor.shape)
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(tensor.data) != expected:
+    if len(raw) != expected:
         raise ValueError(
-            f"tensor of shape {list(shape)} and dtype {dtype.name} holds {len(tensor.data)} "
+            f"tensor of shape {list(shape)} and dtype {dtype.name} holds {len(raw)} "
             f"bytes, expected {expected}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+class Answer(NamedTuple):
+    """An answer whose tensors' bytes were left in the received buffer."""
+
+    message: Any  # the answer without its tensors' data
+    data: dict[str, memoryview]  # tensor field name -> its data bytes (absent: none sent)
+
+    def tensor(self, field: str) -> np.ndarray:
+        """The array of tensor ``field`` (see ``from_tensor``)."""
+        return from_tensor(getattr(self.message, field), self.data.get(field))
+
+    def optional_tensor(self, field: str) -> np.ndarray | None:
+        """As ``tensor``, or None for a tensor the server did not set or left empty."""
+        if not self.message.HasField(field) or not getattr(self.message, field).shape:
+            return None
+        return self.tensor(field)
+
+
+def answer_parser(message_class: type, *tensor_fields: str) -> Callable[[bytes], Answer]:
+    """A gRPC response deserializer: wire bytes -> ``Answer`` of ``message_class``.
+
+    Raises (from the parser):
+        protowire.MalformedMessage / google.protobuf.message.DecodeError: not a well-formed
+            answer; gRPC reports it as an INTERNAL error of the call.
+    """
+    paths = {protowire.field_path(message_class, name, "data"): name for name in tensor_fields}
+    parse = message_class.FromString
+
+    def parse_answer(raw: bytes) -> Answer:
+        rest, found = protowire.detach(raw, paths)
+        # A singular field's last occurrence wins, as protobuf itself would read it.
+        return Answer(parse(rest), {paths[path]: views[-1] for path, views in found.items()})
+
+    return parse_answer

@@ -129,15 +129,24 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: A
             request_deserializer=_tolerant_parser(
                 message_factory.GetMessageClass(method.input_type)
             ),
-            response_serializer=message_factory.GetMessageClass(
-                method.output_type
-            ).SerializeToString,
+            response_serializer=_serializer(message_factory.GetMessageClass(method.output_type)),
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
     server.add_registered_method_handlers(service.full_name, handlers)
     return service.full_name
+
+
+def _serializer(message_class: type) -> Callable[[Any], bytes]:
+    """The answer's wire bytes; a servicer may return them already serialized (``bytes``),
+    e.g. built by ``server.tensors.serialize_answer`` to spare copies of large tensors."""
+    serialize = message_class.SerializeToString
+
+    def serialized(answer: Any) -> bytes:
+        return answer if type(answer) is bytes else serialize(answer)
+
+    return serialized
 
 
 def _check_parsed(request: Any) -> None:

@@ -16,7 +16,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from export.manifest import ModelManifest, TensorSpec
+from protowire import field_path
 from server.errors import InvalidRequest
+from server.tensors import serialize_answer
 from vaeserve_proto.inference import grpc_service_pb2 as pb
 from vaeserve_proto.inference import model_config_pb2 as config_pb
 
@@ -42,6 +44,7 @@ _TYPED_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents"}
 # Explicitly little-endian: the wire format, whatever the host's byte order.
 _WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8")}
 _MESSAGE_HEADROOM = 64 * 1024  # protobuf framing, names and shapes of an answer
+_RAW_OUTPUT = field_path(pb.ModelInferResponse, "raw_output_contents")
 
 
 def decode_inputs(
@@ -221,8 +224,13 @@ def encode_outputs(
     arrays: Mapping[str, np.ndarray],
     names: Sequence[str],
     specs: Mapping[str, TensorSpec],
-) -> None:
-    """Append ``names``' arrays to ``response`` as outputs with raw contents, in that order."""
+) -> bytes:
+    """``response`` serialized with ``names``' arrays as outputs with raw contents, in order.
+
+    The raw contents are appended to the serialized message straight from the arrays
+    (``server.tensors.serialize_answer``), not copied into ``response``.
+    """
+    contents = []
     for name in names:
         dtype = _WIRE_DTYPES[specs[name].dtype]
         array = np.ascontiguousarray(arrays[name], dtype=dtype)
@@ -230,4 +238,5 @@ def encode_outputs(
         out.name = name
         out.datatype = KSERVE_DATATYPES[specs[name].dtype]
         out.shape.extend(array.shape)
-        response.raw_output_contents.append(array.tobytes())
+        contents.append((_RAW_OUTPUT, [array]))
+    return serialize_answer(response, contents)

@@ -177,8 +177,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=str(graph.key.version), id=request.id
         )
-        convert.encode_outputs(response, outputs, names, spec.outputs)
-        return response
+        return convert.encode_outputs(response, outputs, names, spec.outputs)
 
     @map_errors
     async def ModelStatistics(self, request, context):

@@ -12,12 +12,14 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
+from protowire import field_path
 from server import pipeline
 from server.errors import map_errors
 from server.repository import LoadedModel, ModelRegistry
 from server.settings import ServerSettings
-from server.tensors import WIRE_DTYPES, encode_samples, from_array
+from server.tensors import WIRE_DTYPES, describe, serialize_answer, wire_samples
 from server.validation import (
     check_model_ref,
     validate_chunk_size,
@@ -32,6 +34,17 @@ from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
 __all__ = ["SERVICE_NAME", "VaeServicer"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
+# Where each answer's tensor bytes go on the wire (serialize_answer appends them).
+_DATA = {
+    (answer, name): field_path(answer, name, "data")
+    for answer, names in (
+        (pb.SampleResponse, ("samples", "labels", "latents")),
+        (pb.EncodeResponse, ("mu", "logvar", "z")),
+        (pb.DecodeResponse, ("x",)),
+        (pb.ReconstructResponse, ("x",)),
+    )
+    for name in names
+}
 _STATES = {
     "loading": pb.MODEL_STATE_LOADING,
     "ready": pb.MODEL_STATE_READY,
@@ -83,7 +96,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             return _sample_response(model, job, request, samples)
 
     @map_errors
-    async def SampleStream(self, request, context) -> AsyncIterator[pb.SampleResponse]:
+    async def SampleStream(self, request, context) -> AsyncIterator[bytes]:
         with self._use(request.request.model) as model:
             job = validate_sample(request.request, model.manifest, self._settings, stream=True)
             size = validate_chunk_size(request, model.manifest, self._settings)
@@ -99,11 +112,10 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             answer = pb.EncodeResponse(
                 model_name=model.manifest.name, model_version=model.manifest.version, seed=job.seed
             )
-            from_array(result.mu, out=answer.mu)
-            from_array(result.logvar, out=answer.logvar)
+            tensors = {"mu": result.mu, "logvar": result.logvar}
             if result.z is not None:
-                from_array(result.z, out=answer.z)
-            return answer
+                tensors["z"] = result.z
+            return _serialize(answer, tensors)
 
     @map_errors
     async def Decode(self, request, context):
@@ -113,8 +125,8 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             answer = pb.DecodeResponse(
                 model_name=model.manifest.name, model_version=model.manifest.version, seed=job.seed
             )
-            encode_samples(x, request.encoding, model.manifest.value_range, out=answer.x)
-            return answer
+            x = wire_samples(x, request.encoding, model.manifest.value_range)
+            return _serialize(answer, {"x": x})
 
     @map_errors
     async def Reconstruct(self, request, context):
@@ -124,8 +136,8 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             answer = pb.ReconstructResponse(
                 model_name=model.manifest.name, model_version=model.manifest.version
             )
-            encode_samples(x, request.encoding, model.manifest.value_range, out=answer.x)
-            return answer
+            x = wire_samples(x, request.encoding, model.manifest.value_range)
+            return _serialize(answer, {"x": x})
 
     def _limits(self) -> pb.ServerLimits:
         s = self._settings
@@ -144,18 +156,28 @@ def _sample_response(
     job: pipeline.SampleJob,
     request: pb.SampleRequest,
     samples: pipeline.Samples,
-) -> pb.SampleResponse:
+) -> bytes:
+    """A serialized ``SampleResponse``."""
     m = model.manifest
     answer = pb.SampleResponse(
         model_name=m.name, model_version=m.version, seed=job.seed, start_index=job.start
     )
-    # Filled in place: assigning a built Tensor would copy its bytes once more.
-    encode_samples(samples.x, request.encoding, m.value_range, out=answer.samples)
+    tensors = {"samples": wire_samples(samples.x, request.encoding, m.value_range)}
     if job.labels is not None:
-        from_array(job.labels, out=answer.labels)
+        tensors["labels"] = job.labels
     if request.return_latents:
-        from_array(samples.z, out=answer.latents)
-    return answer
+        tensors["latents"] = samples.z
+    return _serialize(answer, tensors)
+
+
+def _serialize(answer, tensors: dict[str, np.ndarray]) -> bytes:
+    """``answer`` with each tensor field set to its array, serialized with one copy of the
+    arrays' bytes in all (protobuf would make three: tobytes, assignment, serialization)."""
+    fields = []
+    for name, array in tensors.items():
+        wire = describe(array, out=getattr(answer, name))
+        fields.append((_DATA[type(answer), name], [wire]))
+    return serialize_answer(answer, fields)
 
 
 async def _sample_chunks(

@@ -131,8 +131,12 @@ def test_encode_outputs_one_raw_entry_per_output_in_order():
         "probs": np.full((2, 1, 8, 8), 0.5, np.float32),
         "log_sigma": np.zeros((2, 1, 8, 8), np.float32),
     }
-    response = pb.ModelInferResponse()
-    convert.encode_outputs(response, arrays, ["log_sigma", "probs"], OUT_SPECS)
+    wire = convert.encode_outputs(
+        pb.ModelInferResponse(id="7"), arrays, ["log_sigma", "probs"], OUT_SPECS
+    )
+    response = pb.ModelInferResponse.FromString(wire)
+    assert response.id == "7"
+    assert len(response.raw_output_contents) == 2
     assert [o.name for o in response.outputs] == ["log_sigma", "probs"]
     assert [o.datatype for o in response.outputs] == ["FP32", "FP32"]
     assert list(response.outputs[1].shape) == [2, 1, 8, 8]
