@@ -16,9 +16,10 @@ It exports bench_serving's random-weight reference MLP (32 -> 512 -> 512 -> 784)
 vae-serve on 127.0.0.1 and a free port (default settings, CPU), and runs
     perf_analyzer -i grpc -u 127.0.0.1:PORT -m reference-decoder -b B --concurrency-range C
 for B x C = 1x1, 1x8, 1x32, 64x4, 1024x2 (time windows of --interval-ms, perf_analyzer's
-stability rule with --stability-percentage, at most 8 trials). Samples/s is perf_analyzer's inferences/s (requests x
-batch); p50/p99 are its client-side latencies. Beside each: the decoder in-process at that
-batch (the server's OnnxRunner, bench_serving.in_process_rates) and the ratio.
+stability rule with --stability-percentage, at most 8 trials). Samples/s is
+perf_analyzer's inferences/s (requests x batch); p50/p99 are its client-side latencies.
+Beside each: the decoder in-process at that batch (the server's OnnxRunner,
+bench_serving.in_process_rates) and the ratio.
 """
 
 from __future__ import annotations

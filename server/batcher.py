@@ -57,7 +57,12 @@ INLINE_RUN_S = 200e-6
 
 
 class Runner(Protocol):
-    """What a batcher runs: a batch of named arrays in, named arrays with the same rows out."""
+    """What a batcher runs: a batch of named arrays in, named arrays with the same rows out.
+
+    A runner may also offer ``run_small(inputs)``, the same computation tuned for the small
+    batches that run on the event loop (OnnxRunner: a single-threaded session); the batcher
+    uses it for those when present.
+    """
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Arrays: ...
 
@@ -338,7 +343,7 @@ class DynamicBatcher:
         inline = self._run_s.get(rows.bit_length(), math.inf) < INLINE_RUN_S
         if inline:
             self.stats.inline_runs += 1
-            results = self._compute(batch)
+            results = self._compute(batch, small=True)
         else:
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(self._executor, self._compute, batch)
@@ -367,12 +372,13 @@ class DynamicBatcher:
 
     # --- the worker thread ---
 
-    def _compute(self, batch: list[_Slice]) -> list[Arrays | BaseException]:
+    def _compute(self, batch: list[_Slice], small: bool = False) -> list[Arrays | BaseException]:
         """Run one batch; on failure run each slice alone so only the culprit fails."""
+        run = getattr(self._runner, "run_small", self._runner.run) if small else self._runner.run
         try:
             inputs = _gather(batch)
             start = time.perf_counter()
-            outputs = self._runner.run(inputs)
+            outputs = run(inputs)
             rows = len(next(iter(inputs.values())))
             self._run_s[rows.bit_length()] = time.perf_counter() - start
         except Exception as exc:

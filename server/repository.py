@@ -232,7 +232,9 @@ class ModelRegistry:
             runner = self._open(folder / spec.file)
             check_graph_io(spec, *runner.signature(), source=str(folder / spec.file))
             for rows in _WARMUP_ROWS:
-                runner.run(_zeros(spec.inputs, min(rows, self._settings.batching.max_batch_size)))
+                inputs = _zeros(spec.inputs, min(rows, self._settings.batching.max_batch_size))
+                runner.run(inputs)
+                runner.run_small(inputs)
             runners[role] = runner
         # What write_manifest wrote, without reading the file a second time.
         text = json.dumps(manifest.to_dict(), indent=2) + "\n"

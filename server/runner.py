@@ -117,6 +117,15 @@ class OnnxRunner:
                 f"{self.provider}); check the CUDA/cuDNN installation"
             )
         self.output_names = [o.name for o in self._session.get_outputs()]
+        # Small batches gain nothing from onnxruntime's thread pool but pay for waking it:
+        # ~0.1 ms of CPU per run on 2 cores, a fifth of a served batch-1 call
+        # (docs/performance.md). A second, single-threaded session runs them. On CUDA the
+        # thread count does not matter and a second session would hold the weights twice.
+        self._serial_session = self._session
+        if self.provider == CPU_PROVIDER and intra_op_threads != 1:
+            self._serial_session = ort.InferenceSession(
+                self.path, _session_options(1, 1), providers=[CPU_PROVIDER]
+            )
 
     def signature(self) -> tuple[list[tuple[str, str, list]], list[tuple[str, str, list]]]:
         """The graph's (inputs, outputs) as (name, type, shape), for ``check_graph_io``."""
@@ -127,6 +136,11 @@ class OnnxRunner:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph once on a batch; every output keeps the batch axis first."""
         outputs = self._session.run(self.output_names, dict(inputs))
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def run_small(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``run`` for a batch too small to share out: on the calling thread alone."""
+        outputs = self._serial_session.run(self.output_names, dict(inputs))
         return dict(zip(self.output_names, outputs, strict=True))
 
 

@@ -122,6 +122,18 @@ def test_runner_runs_the_graph_and_reports_its_signature(double_graph, intra, in
     np.testing.assert_array_equal(runner.run({"x": x})["y"], 2 * x)
 
 
+@pytest.mark.parametrize("intra, separate", [(0, True), (2, True), (1, False)])
+def test_small_batches_run_on_a_single_threaded_session_with_the_same_results(
+    double_graph, intra, separate
+):
+    runner = OnnxRunner(double_graph, [CPU_PROVIDER], intra)
+    serial = runner._serial_session
+    assert (serial is not runner._session) == separate
+    assert serial.get_session_options().intra_op_num_threads == 1
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(runner.run_small({"x": x})["y"], runner.run({"x": x})["y"])
+
+
 @pytest.mark.gpu
 def test_cuda_session_runs_on_the_gpu(double_graph):
     if CUDA_PROVIDER not in ort.get_available_providers():
