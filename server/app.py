@@ -2,7 +2,7 @@
 
 Run: vae-serve --repository models [--host 0.0.0.0] [--port 8001] [--device auto|cpu|cuda]
                [--max-batch-size 1024] [--max-queue-delay-ms 1]
-               [--queue-delay-policy adaptive|always] [--metrics-port 9090]
+               [--queue-delay-policy adaptive|always] [--instances N] [--metrics-port 9090]
                [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-token-file F]
                [--reload-interval S] [--workers N]
 

@@ -13,10 +13,16 @@ Two measured choices (docs/performance.md) keep a lone caller's latency low:
   batch, as Triton does). A lone closed-loop caller never has company, so waiting would only
   add the delay to every call; its first batch-mate turns the wait back on. Requests that
   arrive while a batch computes share the next batch either way.
-- A run goes to the batcher's own thread (onnxruntime releases the GIL, so the event loop
-  keeps accepting calls meanwhile), unless runs of that size have been measured to take less
-  than ``INLINE_RUN_S``: then it runs on the event loop itself, because handing it to the
+- A run goes to one of the batcher's threads (onnxruntime releases the GIL, so the event
+  loop keeps accepting calls meanwhile), unless runs of that size have been measured to take
+  less than ``INLINE_RUN_S``: then it runs on the event loop itself, because handing it to a
   thread and back costs more CPU and latency than the run.
+
+With ``instances`` > 1, that many runs are in flight at once, each single-threaded (the
+runner's ``run_small``), and idle instances share the queued rows out. One multi-threaded run
+waits at every operator for its slowest thread, so whenever the event loop takes a core to
+serialize an answer, the run's other thread idles; single-threaded instances lose only the
+time the loop took (docs/performance.md: +15 % for 4 clients of Sample n=4096 on 2 cores).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ __all__ = [
     "THREAD_PREFIX",
     "COMPANY_MEMORY_S",
     "INLINE_RUN_S",
+    "MIN_SHARED_ROWS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,9 @@ Arrays = dict[str, np.ndarray]
 COMPANY_MEMORY_S = 1.0
 # Runs measured faster than this go on the event loop (a thread hand-off costs ~0.1-0.2 ms).
 INLINE_RUN_S = 200e-6
+# With several instances idle, queued rows are shared out in runs of at least this many
+# (the last run takes what is left).
+MIN_SHARED_ROWS = 64
 
 
 class Runner(Protocol):
@@ -123,7 +133,7 @@ class _Request:
         self.future = future
         self.taken = 0  # rows handed to a batch so far
         self.done = 0  # rows computed so far
-        self.pieces: list[Arrays] = []
+        self.pieces: list[tuple[int, Arrays]] = []  # (first row, outputs): in any order
 
 
 # One slice of a request inside a batch: (request, first row, end row).
@@ -165,7 +175,11 @@ class DynamicBatcher:
         self._waiting_for_work = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{THREAD_PREFIX}-{name}")
+        self._instances = settings.instances or 1  # 0 (auto) is resolved by the registry
+        self._running: set[asyncio.Future] = set()  # runs in flight on the worker threads
+        self._executor = ThreadPoolExecutor(
+            self._instances, thread_name_prefix=f"{THREAD_PREFIX}-{name}"
+        )
         self._shared_at = -math.inf  # clock time of the last batch that held several requests
         self._always_wait = settings.queue_delay_policy == "always"
         # Last measured run time by rows.bit_length(): the inline/thread choice per size.
@@ -191,6 +205,11 @@ class DynamicBatcher:
     @property
     def queue_length(self) -> int:
         return len(self._queue)
+
+    @property
+    def instances(self) -> int:
+        """Runs this batcher keeps in flight at most."""
+        return self._instances
 
     async def run(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> Arrays:
         """Compute ``inputs`` (all with the same number of rows, >= 1) as part of some batches.
@@ -241,15 +260,20 @@ class DynamicBatcher:
             while True:
                 if not self._queue:
                     if self._stopping:
-                        return
+                        break
                     self._waiting_for_work = True
                     await self._sleep(None)
                     self._waiting_for_work = False
+                    continue
+                if len(self._running) >= self._instances:
+                    await self._sleep(None)  # a finished run wakes this
                     continue
                 await self._wait_for_company()
                 batch = self._take()
                 if batch:
                     await self._execute(batch)
+            if self._running:
+                await asyncio.wait(self._running)
         except BaseException as exc:
             self._fail_all(exc)
             raise
@@ -283,6 +307,11 @@ class DynamicBatcher:
         """Up to max_batch_size rows from the head of the queue, dropping dead requests."""
         batch: list[_Slice] = []
         room = self._max_rows
+        idle = self._instances - len(self._running)
+        if idle > 1:
+            # Rows enough for every idle instance: each takes a share, in parallel.
+            share = max(-(-self._queued_rows // idle), MIN_SHARED_ROWS)
+            room = min(room, share)
         now = self._clock()
         while self._queue and room:
             request = self._queue[0]
@@ -334,34 +363,50 @@ class DynamicBatcher:
             )
 
     async def _execute(self, batch: list[_Slice]) -> None:
+        """Run ``batch`` on the event loop (then yield), or start it on a worker thread."""
         rows = sum(end - start for _, start, end in batch)
         self.stats.batches += 1
         self.stats.rows += rows
         self.stats.batch_sizes[rows] += 1
         self.stats.requests_per_batch[len(batch)] += 1
         start = time.perf_counter()
-        inline = self._run_s.get(rows.bit_length(), math.inf) < INLINE_RUN_S
-        if inline:
+        if self._run_s.get(rows.bit_length(), math.inf) < INLINE_RUN_S:
             self.stats.inline_runs += 1
-            results = self._compute(batch, small=True)
-        else:
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._executor, self._compute, batch)
+            self._deliver(batch, self._compute(batch, small=True), rows, start)
+            # Give the loop a turn before the next batch: answers go out and new calls come
+            # in (and fill the queue, so its bound still refuses an overload).
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        run = loop.run_in_executor(self._executor, self._compute, batch, self._instances > 1)
+        self._running.add(run)
+
+        def finished(run: asyncio.Future[list[Arrays | BaseException]]) -> None:
+            self._running.discard(run)
+            self._notify()
+            error = run.exception()  # _compute turns runner errors into results: a bug
+            if error is not None:
+                logger.error("%s: a batched run failed unexpectedly", self.name, exc_info=error)
+            results = [error] * len(batch) if error is not None else run.result()
+            self._deliver(batch, results, rows, start)
+
+        run.add_done_callback(finished)
+
+    def _deliver(
+        self, batch: list[_Slice], results: list[Arrays | BaseException], rows: int, start: float
+    ) -> None:
+        """Hand each slice's outputs to its request; complete the requests now whole."""
         self._observer.on_batch(rows, time.perf_counter() - start)
-        for (request, start, end), result in zip(batch, results, strict=True):
+        for (request, first, end), result in zip(batch, results, strict=True):
             if request.future.done():
                 continue
             if isinstance(result, BaseException):
                 request.future.set_exception(result)
                 continue
-            request.pieces.append(result)
-            request.done += end - start
+            request.pieces.append((first, result))
+            request.done += end - first
             if request.done == request.rows:
                 request.future.set_result(_join(request.pieces))
-        if inline:
-            # Give the loop a turn before the next batch: answers go out and new calls come
-            # in (and fill the queue, so its bound still refuses an overload).
-            await asyncio.sleep(0)
 
     def _fail_all(self, exc: BaseException) -> None:
         logger.error("%s: batching task ended unexpectedly", self.name, exc_info=exc)
@@ -422,7 +467,8 @@ def _scatter(outputs: Mapping[str, np.ndarray], batch: list[_Slice]) -> list[Arr
     return pieces
 
 
-def _join(pieces: list[Arrays]) -> Arrays:
+def _join(pieces: list[tuple[int, Arrays]]) -> Arrays:
     if len(pieces) == 1:
-        return pieces[0]
-    return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+        return pieces[0][1]
+    ordered = [outputs for _, outputs in sorted(pieces, key=lambda piece: piece[0])]
+    return {name: np.concatenate([p[name] for p in ordered]) for name in ordered[0]}

@@ -241,5 +241,5 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 preferred_batch_size=[min(batching.max_batch_size, limit)],
                 max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000),
             ),
-            instance_group=[group(kind=kind, count=1)],
+            instance_group=[group(kind=kind, count=graph.batcher.instances)],
         )

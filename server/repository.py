@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -36,8 +37,8 @@ from server.batcher import DynamicBatcher
 from server.errors import ModelNotFound, NotServing
 from server.metrics import GraphKey, ServerMetrics
 from server.reload import Fingerprint, VersionKey, VersionOnDisk, fingerprint
-from server.runner import OnnxRunner, ProviderUnavailable
-from server.settings import ServerSettings
+from server.runner import CPU_PROVIDER, OnnxRunner, ProviderUnavailable
+from server.settings import ServerSettings, usable_cores
 
 __all__ = ["RepositoryError", "VersionStatus", "LoadedModel", "ModelRegistry"]
 
@@ -265,7 +266,13 @@ class ModelRegistry:
     def _batcher(self, runner: OnnxRunner, m: ModelManifest, graph: str) -> DynamicBatcher:
         observer = self.metrics.graph_observer(GraphKey(m.name, m.version, graph))
         name = f"{m.name}/{m.version}/{graph}"
-        return DynamicBatcher(runner, self._settings.batching, name=name, observer=observer)
+        batching = self._settings.batching
+        if batching.instances == 0:
+            instances = 1
+            if runner.provider == CPU_PROVIDER:
+                instances = self._settings.intra_op_threads or usable_cores()
+            batching = dataclasses.replace(batching, instances=min(instances, 64))
+        return DynamicBatcher(runner, batching, name=name, observer=observer)
 
     def _queue_depths(self) -> Iterable[tuple[GraphKey, int]]:
         for model in self.models():

@@ -21,6 +21,7 @@ __all__ = [
     "QUEUE_DELAY_POLICIES",
     "BatchingSettings",
     "ServerSettings",
+    "usable_cores",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -41,6 +42,10 @@ class BatchingSettings:
     max_queue_delay_ms: float = 1.0  # how long the oldest queued request may wait for company
     max_queue_size: int = 1024  # requests waiting per graph before RESOURCE_EXHAUSTED
     queue_delay_policy: str = "adaptive"  # one of QUEUE_DELAY_POLICIES
+    # Runs of one graph in flight at once (Triton's instance count). Above 1, each run is
+    # single-threaded, and idle instances share queued rows out between them. 0: one per
+    # onnxruntime thread on the CPU (intra_op_threads, or the usable cores), 1 on CUDA.
+    instances: int = 0
 
     def __post_init__(self) -> None:
         _check(self.max_batch_size >= 1, "max_batch_size", "an integer >= 1", self.max_batch_size)
@@ -51,6 +56,7 @@ class BatchingSettings:
             self.max_queue_delay_ms,
         )
         _check(self.max_queue_size >= 1, "max_queue_size", "an integer >= 1", self.max_queue_size)
+        _check(0 <= self.instances <= 64, "instances", "an integer in 0..64", self.instances)
         _check(
             self.queue_delay_policy in QUEUE_DELAY_POLICIES,
             "queue_delay_policy",
@@ -165,6 +171,14 @@ class _Flag:
     aliases: tuple[str, ...] = ()  # more option strings, e.g. "--reload-interval"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _models(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -200,6 +214,12 @@ _FLAGS = (
     _Flag("max_batch_size", int, "rows per batched run; 1 switches batching off"),
     _Flag("max_queue_delay_ms", float, "how long a request may wait to share a batch"),
     _Flag("max_queue_size", int, "queued requests per graph before RESOURCE_EXHAUSTED"),
+    _Flag(
+        "instances",
+        int,
+        "graph runs in flight at once, each single-threaded when > 1; 0 (default): one per "
+        "onnxruntime thread on CPU, 1 on CUDA",
+    ),  # fmt: skip
     _Flag(
         "queue_delay_policy",
         str,

@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from server.settings import BatchingSettings, ServerSettings
+from server.settings import BatchingSettings, ServerSettings, usable_cores
 
 __all__ = ["decode_settings", "encode_settings", "supervise", "worker_main", "worker_settings"]
 
@@ -45,16 +45,9 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _WORKER = "import sys; from server.workers import worker_main; sys.exit(worker_main())"
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # what this container may use, not the host's count
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def worker_settings(settings: ServerSettings, port: int, index: int) -> ServerSettings:
     """The settings worker ``index`` of ``settings.workers`` serves with, on ``port``."""
-    threads = settings.intra_op_threads or max(1, _cores() // settings.workers)
+    threads = settings.intra_op_threads or max(1, usable_cores() // settings.workers)
     metrics = settings.metrics_port
     if metrics:  # 0 (any free port) stays 0: each worker then logs the one it got
         metrics += index

@@ -343,3 +343,93 @@ def test_every_request_gets_exactly_its_rows(sizes, max_batch_size):
         np.testing.assert_array_equal(result["y"], expected(request))
     assert max(runner.sizes()) <= max_batch_size
     assert sum(runner.sizes()) == sum(sizes)
+
+
+class OrderedRunner(FakeRunner):
+    """Holds the run that starts at id ``first`` until the run starting at ``then`` is done,
+    so runs finish in the opposite order; records which method ran each batch."""
+
+    def __init__(self, first: int, then: int, run_s: float = 0.0):
+        super().__init__()
+        self.first, self.then, self.run_s = first, then, run_s
+        self.then_done = threading.Event()
+        self.methods: list[str] = []
+
+    def run(self, inputs):
+        self.methods.append("run")
+        return self._held(inputs)
+
+    def run_small(self, inputs):
+        self.methods.append("run_small")
+        return self._held(inputs)
+
+    def _held(self, inputs):
+        deadline = time.perf_counter() + self.run_s
+        while time.perf_counter() < deadline:
+            pass
+        head = int(inputs["x"][0, 0])
+        if head == self.first:
+            assert self.then_done.wait(WAIT_S), "the other run never finished"
+        outputs = FakeRunner.run(self, inputs)
+        if head == self.then:
+            self.then_done.set()
+        return outputs
+
+
+def instances(count: int, max_batch_size: int = 128) -> BatchingSettings:
+    return BatchingSettings(max_batch_size, 0.0, 64, instances=count)
+
+
+def test_runs_on_several_instances_overlap_and_rows_come_back_in_order():
+    runner = OrderedRunner(first=0, then=128)  # the first half finishes last
+    request = rows(0, 256)
+
+    async def scenario(batcher):
+        return await batcher.run(request)
+
+    result = run_batcher(runner, instances(2), scenario)
+    np.testing.assert_array_equal(result["id"], request["x"][:, 0])
+    np.testing.assert_array_equal(result["y"], expected(request))
+    assert sorted(runner.batches) == [list(range(128)), list(range(128, 256))]
+    assert runner.methods == ["run_small", "run_small"]  # single-threaded runs
+
+
+@pytest.mark.parametrize("count, runs", [(256, [128, 128]), (100, [64, 36]), (40, [40])])
+def test_idle_instances_share_the_queued_rows(count, runs):
+    runner = FakeRunner()
+
+    async def scenario(batcher):
+        return await batcher.run(rows(0, count))
+
+    run_batcher(runner, instances(2, max_batch_size=1024), scenario)
+    assert sorted(runner.sizes(), reverse=True) == runs
+
+
+def test_one_instance_runs_batches_one_at_a_time_on_the_multithreaded_session():
+    runner = OrderedRunner(first=-1, then=-1, run_s=10 * INLINE_RUN_S)  # never inline
+
+    async def scenario(batcher):
+        return await batcher.run(rows(0, 256))
+
+    run_batcher(runner, instances(1), scenario)
+    assert runner.sizes() == [128, 128]
+    assert runner.methods == ["run", "run"]
+
+
+def test_stop_waits_for_runs_in_flight_on_every_instance():
+    runner = FakeRunner(gate=threading.Event())
+
+    async def scenario(batcher):
+        calls = [asyncio.ensure_future(batcher.run(rows(i * 100, 100))) for i in range(2)]
+        await started(runner)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done() and not any(c.done() for c in calls)
+        runner.gate.set()
+        results = await asyncio.gather(*calls)
+        await stopping
+        return results
+
+    results = run_batcher(runner, instances(2), scenario)
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], expected(rows(i * 100, 100)))

@@ -7,6 +7,7 @@ reflection and graceful shutdown are each shown on the wire.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import subprocess
@@ -33,7 +34,7 @@ from serving_fixtures import (
     tensor,
 )
 
-from server.settings import BatchingSettings, ServerSettings
+from server.settings import BatchingSettings, ServerSettings, usable_cores
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
@@ -303,6 +304,50 @@ def test_sample_i_does_not_depend_on_batch_mates_or_replica(stub, replica_stub, 
     assert crowd[:8] == [alone[s] for s in range(8)]
     for seed in range(3):  # batching off, another server
         assert sample(replica_stub, "concat", 5, seed, label=seed % 10).samples.data == alone[seed]
+
+
+def test_sample_i_does_not_depend_on_the_instance_that_ran_it(stub, repository):
+    """Three single-threaded instances share a large request's rows out and may finish its
+    runs in any order; the answer is the same bytes as one instance's."""
+    server = ServerThread(
+        dataclasses.replace(
+            settings(repository, max_batch_size=64, max_queue_delay_ms=0.0, instances=3),
+            intra_op_threads=0,
+        )
+    )
+    try:
+        decoder = server.server.registry.get("concat").decoder
+        assert decoder.instances == 3
+        with channel(server.address) as ch:
+            parallel = pb_grpc.VaeServiceStub(ch)
+            for n, seed in ((1000, 1), (64, 2), (7, 3)):
+                labels = [i % 10 for i in range(n)]
+                expected = sample(stub, "concat", n, seed, labels=labels).samples.data
+                got = sample(parallel, "concat", n, seed, labels=labels).samples.data
+                assert got == expected, (n, seed)
+        assert max(decoder.stats.batch_sizes) <= 64 and decoder.stats.batches >= 16
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "intra_op_threads, instances, expected",
+    [(1, 0, 1), (3, 0, 3), (0, 0, usable_cores()), (1, 2, 2)],
+)
+def test_instances_default_to_one_per_onnxruntime_thread(
+    repository, intra_op_threads, instances, expected
+):
+    batching = BatchingSettings(instances=instances)
+    server = ServerThread(
+        dataclasses.replace(
+            settings(repository), intra_op_threads=intra_op_threads, batching=batching
+        )
+    )
+    try:
+        model = server.server.registry.get("vae")
+        assert model.decoder.instances == model.encoder.instances == expected
+    finally:
+        server.stop()
 
 
 def test_concurrent_callers_are_batched_and_each_gets_its_own_rows(stub, refs, served):

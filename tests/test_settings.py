@@ -63,6 +63,7 @@ EVERY_FLAG = {
     "max_queue_delay_ms": ("0.5", 0.5),
     "max_queue_size": ("8", 8),
     "queue_delay_policy": ("always", "always"),
+    "instances": ("3", 3),
     "log_format": ("json", "json"),
     "metrics_port": ("9090", 9090),
     "tls_cert": ("/etc/tls/server.pem", Path("/etc/tls/server.pem")),
@@ -107,6 +108,7 @@ def test_every_flag_has_an_environment_variable_and_both_are_read():
         pytest.param({"VAESERVE_METRICS_PORT": "-1"}, "metrics_port", id="metrics-port"),
         pytest.param({"VAESERVE_RELOAD_INTERVAL_S": "-5"}, "reload_interval_s", id="reload"),
         pytest.param({"VAESERVE_WORKERS": "0"}, "workers: expected", id="workers"),
+        pytest.param({"VAESERVE_INSTANCES": "-1"}, "instances: expected", id="instances"),
         pytest.param(
             {"VAESERVE_QUEUE_DELAY_POLICY": "never"},
             "queue_delay_policy: expected adaptive or always",
