@@ -7,7 +7,8 @@ Sample driver). For each random-weight reference model (exported with the real e
   mlp:  DESIGN.md's 32 -> 512 -> 512 -> 784 MLP (encoder 784 -> 512 -> 512 -> 2x32);
   conv: training's conv arch, stride-2 convolutions of 32 and 64 channels, 1x28x28;
 it measures
-  1. the decoder and the encoder in-process (the server's OnnxRunner) at n = 1/64/1024/4096;
+  1. the decoder and the encoder in-process (the server's OnnxRunner; the better of one
+     multi-threaded run at a time and one single-threaded run per core) at n = 1/64/1024/4096;
   2. vae-serve (default settings): Sample (fp32) at n = 1/64/1024/4096 with 1, 4 and 32
      concurrent clients; then Encode (fp32 x, num_draws 0) at the same n and clients;
   3. the MLP's Sample n = 1 x 32 clients with batching on (defaults) and off
@@ -39,6 +40,7 @@ from bench_serving import (  # noqa: E402
     Row,
     ServerProcess,
     export_reference_model,
+    in_process_graph_rates,
     in_process_rates,
     process_cpu_s,
     serve_and_drive,
@@ -47,7 +49,6 @@ from bench_serving import (  # noqa: E402
 
 from client.client import AnswerStub  # noqa: E402
 from server.app import keep_freed_memory  # noqa: E402
-from server.runner import CPU_PROVIDER, OnnxRunner  # noqa: E402
 from server.tensors import from_array  # noqa: E402
 from vaeserve_proto.v1 import vaeserve_pb2 as pb  # noqa: E402
 
@@ -59,21 +60,7 @@ def inputs(n: int, seed: int = 0) -> np.ndarray:
 
 
 def in_process_encoder(encoder: Path, window_s: float) -> dict[int, Row]:
-    runner = OnnxRunner(encoder, [CPU_PROVIDER])
-    rows = {}
-    for n in SIZES:
-        x = inputs(n)
-        for _ in range(3):
-            runner.run({"x": x})
-        best = 0.0
-        for _ in range(WINDOWS):
-            runs, start = 0, time.perf_counter()
-            while time.perf_counter() - start < window_s:
-                runner.run({"x": x})
-                runs += 1
-            best = max(best, runs * n / (time.perf_counter() - start))
-        rows[n] = Row("in-process encoder", n, 1, best)
-    return rows
+    return in_process_graph_rates(encoder, lambda n: {"x": inputs(n)}, window_s, "encoder")
 
 
 async def drive_encode(stub, model: str, n: int, clients: int, window_s: float, pid: int) -> Row:
@@ -146,9 +133,9 @@ def measure(arch: str, root: Path, args) -> list[Row]:
     finally:
         server.stop()
     rows = []
-    for label, base, served in (("decoder", dec, sample), ("encoder", enc, encode)):
+    for base, served in ((dec, sample), (enc, encode)):
         for n in SIZES:
-            rows.append(Row(f"{arch}: in-process {label}", n, 1, base[n].rate))
+            rows.append(Row(f"{arch}: {base[n].label}", n, 1, base[n].rate))
         for row in served:
             row.label = f"{arch}: {row.label}"
             row.ratio = row.rate / base[row.n].rate
@@ -170,7 +157,7 @@ def batching_rows(root: Path, args) -> list[Row]:
 
 def print_table(rows: list[Row]) -> None:
     head = ("", "n", "clients", "samples/s", "p50 ms", "p99 ms", "÷ in-proc", "srv µs/req")
-    print(f"{head[0]:28}" + "".join(f"{h:>11}" for h in head[1:]))
+    print(f"{head[0]:60}" + "".join(f"{h:>11}" for h in head[1:]))
     for r in rows:
         cells = [f"{r.n}", f"{r.clients}", f"{r.rate:,.0f}"]
         for value, form in (
@@ -180,7 +167,7 @@ def print_table(rows: list[Row]) -> None:
             (r.server_cpu_us, ",.0f"),
         ):
             cells.append("" if value is None else format(value, form))
-        print(f"{r.label:28}" + "".join(f"{c:>11}" for c in cells))
+        print(f"{r.label:60}" + "".join(f"{c:>11}" for c in cells))
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@ Run: python bench/bench_serving.py [--repository DIR --model NAME] [--window-s 1
 Without --repository it exports a random-weight copy of DESIGN.md's reference model (MLP
 decoder 32 -> 512 -> 512 -> 784, Bernoulli, 1x28x28; weights do not change the speed) through
 vae-export's Python API, so it needs the train extra (torch) in this process only. Then:
-  1. the decoder in-process (the server's own OnnxRunner): samples/s at batch 1/64/1024/4096;
+  1. the decoder in-process (the server's own OnnxRunner): samples/s at batch 1/64/1024/4096,
+     the better of one multi-threaded run at a time and one single-threaded run per core;
   2. vae-serve in a subprocess, driven by grpc.aio clients in this process: Sample at
      n = 1/64/1024/4096 with 1 and 16 concurrent clients (fp32, and uint8 for large n);
   3. the same server with batching off (--max-batch-size 1): n = 1 with 16 clients;
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,7 @@ import numpy as np
 from client.client import AnswerStub
 from server.app import keep_freed_memory
 from server.runner import CPU_PROVIDER, OnnxRunner
+from server.settings import usable_cores
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
@@ -113,24 +117,61 @@ def export_reference_model(
 
 
 def in_process_rates(decoder: Path, latent_dim: int, window_s: float) -> dict[int, Row]:
-    """Decoder samples/s at each batch size (best window), with the server's session options."""
-    runner = OnnxRunner(decoder, [CPU_PROVIDER])
+    """Decoder samples/s at each batch size, in-process (see ``in_process_graph_rates``)."""
+
+    def latents(n: int) -> dict[str, np.ndarray]:
+        return {"z": np.random.default_rng(0).standard_normal((n, latent_dim), np.float32)}
+
+    return in_process_graph_rates(decoder, latents, window_s, "decoder")
+
+
+def in_process_graph_rates(
+    graph: Path, make_inputs: Callable[[int], dict[str, np.ndarray]], window_s: float, what: str
+) -> dict[int, Row]:
+    """A graph's samples/s at each batch size in this process, the better of two ways to use
+    the cores: one run at a time on all of them (the server's multi-threaded session), or one
+    single-threaded run per core at once (its instances). Which is faster depends on the graph:
+    2 threads run the MLP's GEMMs well and the small conv graph hardly faster than one.
+    Best window of each; the row's label names the winner and gives the other's rate.
+    """
+    runner = OnnxRunner(graph, [CPU_PROVIDER])
+    cores = usable_cores()
     rows = {}
     for n in SIZES:
-        z = np.random.default_rng(0).standard_normal((n, latent_dim)).astype(np.float32)
+        inputs = make_inputs(n)
         for _ in range(3):
-            runner.run({"z": z})
-        best, total_runs, cpu = 0.0, 0, time.process_time()
-        for _ in range(WINDOWS):
-            runs, start = 0, time.perf_counter()
-            while time.perf_counter() - start < window_s:
-                runner.run({"z": z})
-                runs += 1
-            best = max(best, runs * n / (time.perf_counter() - start))
-            total_runs += runs
-        rows[n] = Row("in-process decoder (onnxruntime)", n, 1, best)
-        rows[n].server_cpu_us = (time.process_time() - cpu) / total_runs * 1e6
+            runner.run(inputs)
+            runner.run_small(inputs)
+        one, cpu_per_run = _rate([runner.run], inputs, n, window_s)
+        per_core, _ = _rate([runner.run_small] * cores, inputs, n, window_s)
+        if one >= per_core:
+            label = f"in-process {what}, 1 run x {cores} threads ({cores} x 1: {per_core:,.0f})"
+        else:
+            label = f"in-process {what}, {cores} runs x 1 thread (1 x {cores}: {one:,.0f})"
+        rows[n] = Row(label, n, 1, max(one, per_core))
+        rows[n].server_cpu_us = cpu_per_run * 1e6
     return rows
+
+
+def _rate(runs: list[Callable], inputs: dict, n: int, window_s: float) -> tuple[float, float]:
+    """(best samples/s over WINDOWS windows with each of ``runs`` looping on its own thread,
+    process CPU seconds per run)."""
+
+    def loop(run: Callable, until: float) -> int:
+        count = 0
+        while time.perf_counter() < until:
+            run(inputs)
+            count += 1
+        return count
+
+    best, total, cpu = 0.0, 0, time.process_time()
+    with ThreadPoolExecutor(len(runs)) as pool:
+        for _ in range(WINDOWS):
+            start = time.perf_counter()
+            counts = list(pool.map(loop, runs, [start + window_s] * len(runs)))
+            best = max(best, sum(counts) * n / (time.perf_counter() - start))
+            total += sum(counts)
+    return best, (time.process_time() - cpu) / total
 
 
 class ServerProcess:
@@ -270,7 +311,7 @@ def print_table(rows: list[Row], batching_gain: float, workers_gain: float | Non
         "srv µs/req",
         "cli µs/req",
     )
-    print(f"{head[0]:40}" + "".join(f"{h:>11}" for h in head[1:]))
+    print(f"{head[0]:62}" + "".join(f"{h:>11}" for h in head[1:]))
     for r in rows:
         cells = [f"{r.n}", f"{r.clients}", f"{r.rate:,.0f}"]
         for value, form in (
@@ -282,7 +323,7 @@ def print_table(rows: list[Row], batching_gain: float, workers_gain: float | Non
             (r.client_cpu_us, ",.0f"),
         ):
             cells.append("" if value is None else format(value, form))
-        print(f"{r.label:40}" + "".join(f"{c:>11}" for c in cells))
+        print(f"{r.label:62}" + "".join(f"{c:>11}" for c in cells))
     print(f"\nbatch-1, 16 clients: batching on / batching off = {batching_gain:.2f}x")
     if workers_gain is not None:
         print(f"batch-1, 16 clients, a channel each: workers / one process = {workers_gain:.2f}x")
