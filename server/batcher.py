@@ -112,7 +112,7 @@ class BatchStats:
     failed_runs: int = 0
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)  # rows
     requests_per_batch: collections.Counter[int] = field(default_factory=collections.Counter)
-    inline_runs: int = 0  # batches run on the event loop rather than the worker thread
+    inline_runs: int = 0  # batches run on the event loop rather than a worker thread
 
 
 class _Request:
@@ -436,12 +436,12 @@ class DynamicBatcher:
                 len(batch),
                 exc,
             )
-            return [self._compute_alone(piece) for piece in batch]
+            return [self._compute_alone(run, piece) for piece in batch]
         return _scatter(outputs, batch)
 
-    def _compute_alone(self, piece: _Slice) -> Arrays | BaseException:
+    def _compute_alone(self, run: Callable[..., Arrays], piece: _Slice) -> Arrays | BaseException:
         try:
-            return self._runner.run(_gather([piece]))
+            return run(_gather([piece]))
         except Exception as exc:
             self.stats.failed_runs += 1
             return exc

@@ -116,7 +116,8 @@ def test_a_request_that_fills_a_batch_exactly_is_passed_without_copies():
     assert runner.sizes() == [4]
 
 
-def test_one_bad_request_fails_alone_and_its_batch_mates_get_their_rows():
+@pytest.mark.parametrize("instances", [1, 2])
+def test_one_bad_request_fails_alone_and_its_batch_mates_get_their_rows(instances):
     runner = FakeRunner()
     good_a, bad, good_b = rows(0, 2), rows(10, 1, value=POISON - 10), rows(20, 1)
 
@@ -125,7 +126,8 @@ def test_one_bad_request_fails_alone_and_its_batch_mates_get_their_rows():
             *(batcher.run(r) for r in (good_a, bad, good_b)), return_exceptions=True
         )
 
-    result_a, error, result_b = run_batcher(runner, batching(max_batch_size=8), scenario)
+    settings = BatchingSettings(8, 50.0, 64, instances=instances)
+    result_a, error, result_b = run_batcher(runner, settings, scenario)
     assert isinstance(error, RuntimeError) and "poisoned" in str(error)
     np.testing.assert_array_equal(result_a["y"], expected(good_a))
     np.testing.assert_array_equal(result_b["y"], expected(good_b))
