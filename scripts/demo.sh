@@ -6,7 +6,17 @@ set -euo pipefail
 demo=${1:-demo}
 bin=$(dirname "$0")/../.venv/bin
 port=${VAESERVE_DEMO_PORT:-8001}
+# Each run starts afresh: the folder is the demo's own (marked), so a re-run replaces it; a
+# folder that is not a demo's is never touched.
+if [ -e "$demo" ]; then
+  if [ ! -e "$demo/.vaeserve-demo" ] && [ -n "$(ls -A "$demo")" ]; then
+    echo "demo.sh: $demo exists and is not a demo folder; choose another: scripts/demo.sh DIR" >&2
+    exit 2
+  fi
+  rm -rf "$demo"
+fi
 mkdir -p "$demo"
+touch "$demo/.vaeserve-demo"
 
 echo "== 1/4 train (vae-train) -> $demo/run"
 "$bin/vae-train" --dataset digits --model cvae --out "$demo/run"
