@@ -48,8 +48,8 @@ from bench_serving import (  # noqa: E402
 )
 
 from client.client import AnswerStub  # noqa: E402
+from client.tensors import Outgoing  # noqa: E402
 from server.app import keep_freed_memory  # noqa: E402
-from server.tensors import from_array  # noqa: E402
 from vaeserve_proto.v1 import vaeserve_pb2 as pb  # noqa: E402
 
 CLIENTS = (1, 4, 32)
@@ -64,8 +64,9 @@ def in_process_encoder(encoder: Path, window_s: float) -> dict[int, Row]:
 
 
 async def drive_encode(stub, model: str, n: int, clients: int, window_s: float, pid: int) -> Row:
-    """Closed-loop Encode callers; the same protocol as bench_serving.drive."""
-    request = pb.EncodeRequest(model=pb.ModelRef(name=model), x=from_array(inputs(n, 1)))
+    """Closed-loop Encode callers; the same protocol as bench_serving.drive. Each call sends x
+    as VaeClient.encode does (``Outgoing``: serialized per call, the array appended)."""
+    request = Outgoing(pb.EncodeRequest(model=pb.ModelRef(name=model)), {"x": inputs(n, 1)})
     latencies: list[float] = []
 
     async def client(until: float, record: bool) -> int:

@@ -20,7 +20,7 @@ from google.protobuf import message_factory
 
 from client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult
 from client.retry import Retrier, RetryPolicy, call_with_retry
-from client.tensors import ENCODINGS, OUTPUTS, answer_parser, to_tensor
+from client.tensors import ENCODINGS, OUTPUTS, Outgoing, answer_parser, request_serializer
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
@@ -257,12 +257,14 @@ class VaeClient:
         timeout_s: float | None = None,
     ) -> EncodeResult:
         """x (n, *sample_shape) → mu, logvar (n, latent_dim) of q(z|x[,y]), and draws of z."""
-        request = pb.EncodeRequest(
-            model=pb.ModelRef(name=model, version=version),
-            x=to_tensor(x),
-            labels=_labels(labels),
-            num_draws=num_draws,
-            seed=seed,
+        request = Outgoing(
+            pb.EncodeRequest(
+                model=pb.ModelRef(name=model, version=version),
+                labels=_labels(labels),
+                num_draws=num_draws,
+                seed=seed,
+            ),
+            {"x": x},
         )
         answer = self._unary("Encode", request, timeout_s)
         return EncodeResult(
@@ -287,13 +289,15 @@ class VaeClient:
         timeout_s: float | None = None,
     ) -> DecodeResult:
         """z (n, latent_dim) → x (n, *sample_shape): the mean, or a draw from p(x|z[,y])."""
-        request = pb.DecodeRequest(
-            model=pb.ModelRef(name=model, version=version),
-            z=to_tensor(np.asarray(z, dtype=np.float32)),
-            labels=_labels(labels),
-            output=_choice("output", output, OUTPUTS),
-            seed=seed,
-            encoding=_choice("encoding", encoding, ENCODINGS),
+        request = Outgoing(
+            pb.DecodeRequest(
+                model=pb.ModelRef(name=model, version=version),
+                labels=_labels(labels),
+                output=_choice("output", output, OUTPUTS),
+                seed=seed,
+                encoding=_choice("encoding", encoding, ENCODINGS),
+            ),
+            {"z": np.asarray(z, dtype=np.float32)},
         )
         answer = self._unary("Decode", request, timeout_s)
         return DecodeResult(
@@ -314,11 +318,13 @@ class VaeClient:
         timeout_s: float | None = None,
     ) -> np.ndarray:
         """x → decode(mu(x)), (n, *sample_shape)."""
-        request = pb.ReconstructRequest(
-            model=pb.ModelRef(name=model, version=version),
-            x=to_tensor(x),
-            labels=_labels(labels),
-            encoding=_choice("encoding", encoding, ENCODINGS),
+        request = Outgoing(
+            pb.ReconstructRequest(
+                model=pb.ModelRef(name=model, version=version),
+                labels=_labels(labels),
+                encoding=_choice("encoding", encoding, ENCODINGS),
+            ),
+            {"x": x},
         )
         return self._unary("Reconstruct", request, timeout_s).tensor("x")
 
@@ -336,7 +342,8 @@ _TENSOR_ANSWERS = {
 class AnswerStub(pb_grpc.VaeServiceStub):
     """The generated stub, except that answers holding tensors come as ``Answer``s whose
     tensor bytes stay in gRPC's buffer (``answer_parser``) instead of being copied out by
-    protobuf. Works on ``grpc`` and ``grpc.aio`` channels alike."""
+    protobuf, and those calls also take ``Outgoing`` requests (``request_serializer``).
+    Works on ``grpc`` and ``grpc.aio`` channels alike."""
 
     def __init__(self, channel: grpc.Channel | grpc.aio.Channel):
         super().__init__(channel)
@@ -348,7 +355,7 @@ class AnswerStub(pb_grpc.VaeServiceStub):
             answer_class = message_factory.GetMessageClass(method.output_type)
             callable_ = make(
                 f"/{service.full_name}/{name}",
-                request_serializer=request_class.SerializeToString,
+                request_serializer=request_serializer(request_class),
                 response_deserializer=answer_parser(answer_class, *fields),
             )
             setattr(self, name, callable_)

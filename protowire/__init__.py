@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-__all__ = ["MalformedMessage", "varint", "bytes_field", "detach", "field_path"]
+__all__ = ["MalformedMessage", "varint", "bytes_field", "serialize", "detach", "field_path"]
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 _FIXED_SIZES = {_FIXED64: 8, _FIXED32: 4}
@@ -81,6 +81,19 @@ def bytes_field(path: Path, chunks: Sequence[Buffer]) -> list[Buffer]:
         prefixes.append(prefix)
         length += len(prefix)
     return [b"".join(reversed(prefixes)), *views]
+
+
+def serialize(message: Any, fields: Sequence[tuple[Path, Sequence[Buffer]]]) -> bytes:
+    """``message``'s wire bytes with each bytes field of ``fields`` (path, chunks) appended,
+    in one copy of the chunks.
+
+    ``message`` must not set those fields itself: they would be sent twice (a repeated field)
+    or the appended value would replace the set one (a singular field).
+    """
+    pieces: list[Buffer] = [message.SerializeToString()]
+    for path, chunks in fields:
+        pieces += bytes_field(path, chunks)
+    return b"".join(pieces)
 
 
 def _bytes_view(chunk: Buffer) -> memoryview:

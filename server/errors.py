@@ -20,6 +20,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
+import protowire
+
 __all__ = [
     "VaeServeError",
     "InvalidRequest",
@@ -31,10 +33,14 @@ __all__ = [
     "status_of",
     "map_errors",
     "MalformedRequest",
+    "DetachedRequest",
+    "detached_bytes",
     "add_service",
 ]
 
 logger = logging.getLogger(__name__)
+
+_TENSOR_TYPE = "vaeserve.v1.Tensor"
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
@@ -93,17 +99,68 @@ class MalformedRequest:
     ours hand this to the servicer method, where ``map_errors`` makes it INVALID_ARGUMENT.
     """
 
-    def __init__(self, type_name: str, error: DecodeError):
+    def __init__(self, type_name: str, error: Exception):
         self.message = f"the request is not a valid {type_name} message ({error})"
+
+
+class DetachedRequest:
+    """A request whose large bytes fields stayed in the received buffer (``protowire``).
+
+    Reads like the message (attributes and methods pass through to ``message``, in which those
+    fields are empty); ``detached`` maps each such field to its occurrences as views. Read
+    them with ``detached_bytes``.
+    """
+
+    __slots__ = ("message", "detached")
+
+    def __init__(self, message: Any, detached: dict[str, list[memoryview]]):
+        self.message = message
+        self.detached = detached
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+
+def detached_bytes(request: Any, field: str) -> list[Any]:
+    """The occurrences of a bytes field that a request parser detached, in wire order (a
+    request parsed the plain way has none: []). A Tensor field's ``data`` is keyed by the
+    Tensor field's name."""
+    detached = request.detached if isinstance(request, DetachedRequest) else {}
+    return detached.get(field, [])
+
+
+def _large_fields(descriptor: Any) -> dict[protowire.Path, str]:
+    """Where a request type carries bulk bytes: each top-level Tensor's ``data``, and each
+    top-level repeated bytes field (the Open Inference Protocol's ``raw_input_contents``)."""
+    paths = {}
+    for field in descriptor.fields:
+        tensor = field.message_type
+        if tensor is not None and tensor.full_name == _TENSOR_TYPE:
+            paths[(field.number, tensor.fields_by_name["data"].number)] = field.name
+        elif field.type == field.TYPE_BYTES and _is_repeated(field):
+            paths[(field.number,)] = field.name
+    return paths
+
+
+def _is_repeated(field: Any) -> bool:
+    # protobuf 5+ deprecates ``label`` in favour of ``is_repeated``.
+    repeated = getattr(field, "is_repeated", None)
+    return repeated if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _tolerant_parser(cls: Any) -> Callable[[bytes], Any]:
     type_name = cls.DESCRIPTOR.full_name
+    paths = _large_fields(cls.DESCRIPTOR)
 
     def parse(data: bytes) -> Any:
         try:
-            return cls.FromString(data)
-        except DecodeError as exc:
+            if not paths:
+                return cls.FromString(data)
+            rest, found = protowire.detach(data, paths)
+            return DetachedRequest(
+                cls.FromString(rest), {paths[path]: views for path, views in found.items()}
+            )
+        except (DecodeError, protowire.MalformedMessage) as exc:
             return MalformedRequest(type_name, exc)
 
     return parse
@@ -111,7 +168,8 @@ def _tolerant_parser(cls: Any) -> Callable[[bytes], Any]:
 
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> str:
     """Register ``servicer``'s methods for ``service`` (what the generated ``add_*_to_server``
-    does), with request parsing that turns undecodable bytes into INVALID_ARGUMENT.
+    does), with request parsing that turns undecodable bytes into INVALID_ARGUMENT and leaves
+    large bytes fields in gRPC's buffer (``DetachedRequest``).
 
     Returns:
         The service's full name.
@@ -140,7 +198,7 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: A
 
 def _serializer(message_class: type) -> Callable[[Any], bytes]:
     """The answer's wire bytes; a servicer may return them already serialized (``bytes``),
-    e.g. built by ``server.tensors.serialize_answer`` to spare copies of large tensors."""
+    e.g. built by ``protowire.serialize`` to spare copies of large tensors."""
     serialize = message_class.SerializeToString
 
     def serialized(answer: Any) -> bytes:

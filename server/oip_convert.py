@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+import protowire
 from export.manifest import ModelManifest, TensorSpec
 from protowire import field_path
-from server.errors import InvalidRequest
-from server.tensors import serialize_answer
+from server.errors import InvalidRequest, detached_bytes
 from vaeserve_proto.inference import grpc_service_pb2 as pb
 from vaeserve_proto.inference import model_config_pb2 as config_pb
 
@@ -65,7 +65,7 @@ def decode_inputs(
             disagrees with the graph, contents that do not fill the shape, mixed raw and typed
             contents, inputs with different batch sizes, or more than ``max_rows`` rows.
     """
-    raw = request.raw_input_contents
+    raw = detached_bytes(request, "raw_input_contents") or request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidRequest(
             f"raw_input_contents has {len(raw)} entries, expected one per input "
@@ -115,7 +115,9 @@ def _checked_shape(
     return shape
 
 
-def _from_raw(name: str, data: bytes, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
+def _from_raw(
+    name: str, data: protowire.Buffer, spec: TensorSpec, shape: tuple[int, ...]
+) -> np.ndarray:
     dtype = _WIRE_DTYPES[spec.dtype]
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
@@ -228,7 +230,7 @@ def encode_outputs(
     """``response`` serialized with ``names``' arrays as outputs with raw contents, in order.
 
     The raw contents are appended to the serialized message straight from the arrays
-    (``server.tensors.serialize_answer``), not copied into ``response``.
+    (``protowire.serialize``), not copied into ``response``.
     """
     contents = []
     for name in names:
@@ -239,4 +241,4 @@ def encode_outputs(
         out.datatype = KSERVE_DATATYPES[specs[name].dtype]
         out.shape.extend(array.shape)
         contents.append((_RAW_OUTPUT, [array]))
-    return serialize_answer(response, contents)
+    return protowire.serialize(response, contents)

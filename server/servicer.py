@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
+import protowire
 from protowire import field_path
 from server import pipeline
 from server.errors import map_errors
 from server.repository import LoadedModel, ModelRegistry
 from server.settings import ServerSettings
-from server.tensors import WIRE_DTYPES, describe, serialize_answer, wire_samples
+from server.tensors import WIRE_DTYPES, describe, wire_samples
 from server.validation import (
     check_model_ref,
     validate_chunk_size,
@@ -34,7 +35,7 @@ from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
 __all__ = ["SERVICE_NAME", "VaeServicer"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
-# Where each answer's tensor bytes go on the wire (serialize_answer appends them).
+# Where each answer's tensor bytes go on the wire (protowire.serialize appends them).
 _DATA = {
     (answer, name): field_path(answer, name, "data")
     for answer, names in (
@@ -177,7 +178,7 @@ def _serialize(answer, tensors: dict[str, np.ndarray]) -> bytes:
     for name, array in tensors.items():
         wire = describe(array, out=getattr(answer, name))
         fields.append((_DATA[type(answer), name], [wire]))
-    return serialize_answer(answer, fields)
+    return protowire.serialize(answer, fields)
 
 
 async def _sample_chunks(

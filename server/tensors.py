@@ -1,19 +1,18 @@
 """Wire tensors (dtype + shape + little-endian bytes) to numpy and back, without extra copies.
 
-Requests are viewed in place with ``np.frombuffer``. Answers carry their large tensors outside
-protobuf: ``serialize_answer`` writes the message's small fields with protobuf and appends each
-tensor's bytes straight from its array, one copy in all (``protowire``). Sample tensors may be
-sent compactly (float16, or uint8 over the model's value range), which cuts the transfer of a
-4096x784 answer from 12.8 MB to 6.4 or 3.2 MB.
+Requests are viewed in place with ``np.frombuffer`` (their bytes stay in gRPC's buffer:
+``server.errors.DetachedRequest``). Answers carry their large tensors outside protobuf:
+``describe`` fills in a tensor's dtype and shape, and ``protowire.serialize`` appends its bytes
+straight from the array, one copy in all. Sample tensors may be sent compactly (float16, or
+uint8 over the model's value range), which cuts the transfer of a 4096x784 answer from 12.8 MB
+to 6.4 or 3.2 MB.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
-from google.protobuf.message import Message
 
 import protowire
 from server.errors import InvalidRequest
@@ -26,7 +25,6 @@ __all__ = [
     "to_array",
     "from_array",
     "describe",
-    "serialize_answer",
     "wire_samples",
     "encode_samples",
     "decode_uint8",
@@ -44,8 +42,12 @@ WIRE_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64, 
 _UINT8_MAX = 255.0
 
 
-def to_array(tensor: pb.Tensor, field: str) -> np.ndarray:
+def to_array(tensor: pb.Tensor, field: str, data: protowire.Buffer | None = None) -> np.ndarray:
     """A read-only numpy view of a wire tensor's bytes.
+
+    Args:
+        data: the tensor's bytes when the request parser detached them
+            (``server.errors.detached_bytes``); None: ``tensor.data``.
 
     Raises:
         InvalidRequest: unknown dtype, negative dimension, or a byte length that does not
@@ -60,7 +62,8 @@ def to_array(tensor: pb.Tensor, field: str) -> np.ndarray:
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"{field}.shape is {list(shape)}, expected non-negative dimensions")
-    data = tensor.data
+    if data is None:
+        data = tensor.data
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise InvalidRequest(
@@ -94,25 +97,11 @@ def from_array(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
 
 def describe(array: np.ndarray, out: pb.Tensor) -> np.ndarray:
     """Set ``out``'s dtype and shape for ``array``; return the array as it goes on the wire
-    (C-contiguous, little-endian: a view when it already is), for ``serialize_answer``."""
+    (C-contiguous, little-endian: a view when it already is), for ``protowire.serialize``."""
     wire = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     out.dtype = WIRE_DTYPES[wire.dtype.name]
     out.shape.extend(wire.shape)
     return wire
-
-
-def serialize_answer(
-    answer: Message, fields: Sequence[tuple[protowire.Path, Sequence[np.ndarray]]]
-) -> bytes:
-    """``answer``'s wire bytes with each bytes field of ``fields`` (path, chunks) appended.
-
-    The answer must not set those fields itself: they would be sent twice (a repeated field)
-    or the appended value would replace the set one (a singular field).
-    """
-    pieces: list[protowire.Buffer] = [answer.SerializeToString()]
-    for path, chunks in fields:
-        pieces += protowire.bytes_field(path, chunks)
-    return b"".join(pieces)
 
 
 def wire_samples(x: np.ndarray, encoding: int, value_range: tuple[float, float]) -> np.ndarray:

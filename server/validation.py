@@ -8,12 +8,13 @@ batchers and runners trust what they get: right dtype, shape, label range, finit
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from export.manifest import ModelManifest
 from server import sampling
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, detached_bytes
 from server.pipeline import DecodeJob, EncodeJob, ReconstructJob, SampleJob
 from server.settings import ServerSettings
 from server.tensors import dtype_name, to_array
@@ -92,7 +93,7 @@ def validate_chunk_size(
 def validate_encode(
     request: pb.EncodeRequest, m: ModelManifest, settings: ServerSettings
 ) -> EncodeJob:
-    x = _samples_tensor(request.x, "x", m, settings)
+    x = _samples_tensor(request, "x", m, settings)
     n = len(x)
     _in_range("num_draws", request.num_draws, 0, settings.max_samples_per_request)
     # The answer holds mu and logvar besides the draws: (n, d) float32 each.
@@ -104,7 +105,7 @@ def validate_encode(
 def validate_decode(
     request: pb.DecodeRequest, m: ModelManifest, settings: ServerSettings
 ) -> DecodeJob:
-    z = _float_tensor(request.z, "z", (m.latent_dim,), settings)
+    z = _float_tensor(request, "z", (m.latent_dim,), settings)
     _finite("z", z)
     _enum("output", request.output, _OUTPUT_KINDS, pb.OutputKind)
     _enum("encoding", request.encoding, tuple(_SAMPLE_ITEMSIZE), pb.SampleEncoding)
@@ -120,7 +121,7 @@ def validate_decode(
 def validate_reconstruct(
     request: pb.ReconstructRequest, m: ModelManifest, settings: ServerSettings
 ) -> ReconstructJob:
-    x = _samples_tensor(request.x, "x", m, settings)
+    x = _samples_tensor(request, "x", m, settings)
     _enum("encoding", request.encoding, tuple(_SAMPLE_ITEMSIZE), pb.SampleEncoding)
     _fits_message("x", len(x), _pixels(m) * _SAMPLE_ITEMSIZE[request.encoding], settings)
     labels = _row_labels(request.labels, len(x), m, m.encoder_takes_label)
@@ -221,8 +222,10 @@ def _label_range(field: str, labels: np.ndarray, m: ModelManifest) -> None:
 
 
 def _float_tensor(
-    tensor: pb.Tensor, field: str, row_shape: tuple[int, ...], settings: ServerSettings
+    request: Any, field: str, row_shape: tuple[int, ...], settings: ServerSettings
 ) -> np.ndarray:
+    """The request's Tensor field ``field``, checked; its bytes may have been detached."""
+    tensor: pb.Tensor = getattr(request, field)
     if tensor.dtype not in _FLOAT_WIRE:
         raise InvalidRequest(
             f"{field}.dtype is {dtype_name(tensor.dtype)}, expected FLOAT32 or FLOAT16"
@@ -232,7 +235,9 @@ def _float_tensor(
         expected = "[n, " + ", ".join(map(str, row_shape)) + "]"
         raise InvalidRequest(f"{field}.shape is {list(shape)}, expected {expected}")
     _in_range(f"{field}.shape[0]", shape[0], 1, settings.max_samples_per_request)
-    return to_array(tensor, field)
+    detached = detached_bytes(request, field)
+    # A singular field's last occurrence counts, as protobuf itself would read it.
+    return to_array(tensor, field, detached[-1] if detached else None)
 
 
 def _finite(field: str, array: np.ndarray) -> None:
@@ -241,9 +246,9 @@ def _finite(field: str, array: np.ndarray) -> None:
 
 
 def _samples_tensor(
-    tensor: pb.Tensor, field: str, m: ModelManifest, settings: ServerSettings
+    request: Any, field: str, m: ModelManifest, settings: ServerSettings
 ) -> np.ndarray:
-    x = _float_tensor(tensor, field, m.sample_shape, settings)
+    x = _float_tensor(request, field, m.sample_shape, settings)
     low, high = m.value_range
     lowest, highest = x.min(), x.max()  # NaN propagates into both, so this also finds NaN
     if not (low <= lowest and highest <= high):

@@ -18,7 +18,8 @@ from client_fixtures import ServerProcess, free_port, serve
 
 from client import RetryPolicy, VaeClient
 from client.retry import call_with_retry
-from client.tensors import from_tensor, to_tensor
+from client.tensors import Outgoing, from_tensor, request_serializer, to_tensor
+from vaeserve_proto.v1 import vaeserve_pb2 as pb
 
 
 class _StatusError(grpc.RpcError):
@@ -129,6 +130,24 @@ def test_tensors_reject_unknown_dtypes_and_short_data():
     tensor.data = tensor.data[:-1]
     with pytest.raises(ValueError, match="expected 24"):
         from_tensor(tensor)
+
+
+@pytest.mark.parametrize("dtype", ["float32", ">f4", "float16", "uint8"])
+def test_outgoing_requests_serialize_as_protobuf_would_with_the_tensor_set(dtype):
+    x = (np.arange(24).reshape(3, 8) % 5).astype(dtype)[:, ::2]  # not contiguous either
+    message = pb.EncodeRequest(model=pb.ModelRef(name="m"), labels=[1, 2, 3], num_draws=2)
+    wire = request_serializer(pb.EncodeRequest)(Outgoing(message, {"x": x}))
+    expected = pb.EncodeRequest()
+    expected.CopyFrom(message)
+    expected.x.CopyFrom(to_tensor(x))
+    assert pb.EncodeRequest.FromString(wire) == expected
+    plain = pb.EncodeRequest(model=pb.ModelRef(name="m"))
+    assert request_serializer(pb.EncodeRequest)(plain) == plain.SerializeToString()
+
+
+def test_outgoing_requests_refuse_unknown_dtypes_before_sending():
+    with pytest.raises(ValueError, match="float64 is not supported"):
+        Outgoing(pb.DecodeRequest(), {"z": np.zeros((2, 3))})
 
 
 def test_client_needs_an_address():

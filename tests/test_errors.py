@@ -10,19 +10,26 @@ import asyncio
 import logging
 
 import grpc
+import numpy as np
 import pytest
 
 from server.errors import (
     INTERNAL_MESSAGE,
     DeadlineExceeded,
+    DetachedRequest,
     InvalidRequest,
     MalformedRequest,
     ModelNotFound,
     NotServing,
     QueueFull,
+    _tolerant_parser,
+    detached_bytes,
     map_errors,
     status_of,
 )
+from server.tensors import to_array
+from vaeserve_proto.inference import grpc_service_pb2 as oip
+from vaeserve_proto.v1 import vaeserve_pb2 as pb
 
 
 class Aborted(Exception):
@@ -157,3 +164,61 @@ def test_requests_that_did_not_parse_are_invalid_argument():
         grpc.StatusCode.INVALID_ARGUMENT,
         "the request is not a valid vaeserve.v1.SampleRequest message (truncated)",
     )
+
+
+# --- request parsing: large bytes fields stay in the received buffer ---
+
+
+def test_tensor_requests_parse_with_their_data_detached_and_viewed():
+
+    x = np.arange(12, dtype="<f4").reshape(3, 4)
+    request = pb.EncodeRequest(
+        model=pb.ModelRef(name="digits"),
+        x=pb.Tensor(dtype=pb.FLOAT32, shape=[3, 4], data=x.tobytes()),
+        labels=[1, 2, 3],
+    )
+    raw = request.SerializeToString()
+    parsed = _tolerant_parser(pb.EncodeRequest)(raw)
+    assert isinstance(parsed, DetachedRequest)
+    assert parsed.model.name == "digits" and list(parsed.labels) == [1, 2, 3]
+    assert parsed.x.data == b"" and list(parsed.x.shape) == [3, 4]  # the rest was parsed
+    (view,) = detached_bytes(parsed, "x")
+    array = to_array(parsed.x, "x", view)
+    np.testing.assert_array_equal(array, x)
+    assert np.shares_memory(array, np.frombuffer(raw, np.uint8))  # no copy of the data
+    assert detached_bytes(request, "x") == []  # a plain message has nothing detached
+
+
+def test_open_inference_raw_inputs_are_detached_in_order():
+
+    request = oip.ModelInferRequest(model_name="m", raw_input_contents=[b"abcd", b"", b"ef"])
+    parsed = _tolerant_parser(oip.ModelInferRequest)(request.SerializeToString())
+    assert parsed.model_name == "m" and len(parsed.raw_input_contents) == 0
+    # protobuf writes the empty entry too: every occurrence is kept, in wire order
+    assert [bytes(v) for v in detached_bytes(parsed, "raw_input_contents")] == [
+        b"abcd",
+        b"",
+        b"ef",
+    ]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"\x12\x05\x1a\x09abc", id="tensor-data-past-the-end"),
+        pytest.param(b"\x12\xff", id="truncated-length"),
+        pytest.param(b"\x0b", id="group-wire-type"),
+    ],
+)
+def test_malformed_tensor_requests_become_malformed_request(raw):
+
+    parsed = _tolerant_parser(pb.EncodeRequest)(raw)
+    assert isinstance(parsed, MalformedRequest)
+    assert parsed.message.startswith("the request is not a valid vaeserve.v1.EncodeRequest")
+
+
+def test_requests_without_large_fields_parse_as_plain_messages():
+
+    request = pb.SampleRequest(model=pb.ModelRef(name="m"), num_samples=3)
+    parsed = _tolerant_parser(pb.SampleRequest)(request.SerializeToString())
+    assert type(parsed) is pb.SampleRequest and parsed == request

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.tensors import answer_parser
-from protowire import MalformedMessage, bytes_field, detach, field_path, varint
-from server.tensors import describe, serialize_answer
+from protowire import MalformedMessage, bytes_field, detach, field_path, serialize, varint
+from server.tensors import describe
 from vaeserve_proto.inference import grpc_service_pb2 as oip
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 
@@ -255,7 +255,7 @@ def test_server_answer_round_trips_through_the_client_parser_without_copies():
         (PATHS[name], [describe(a, out=getattr(answer, name))])
         for name, a in [("samples", samples), ("labels", labels)]
     ]
-    raw = serialize_answer(answer, fields)
+    raw = serialize(answer, fields)
     parsed = answer_parser(pb.SampleResponse, *TENSORS)(raw)
     assert (parsed.message.model_name, parsed.message.seed) == ("mnist", 7)
     assert parsed.message.samples.data == b"" and parsed.message.labels.data == b""
