@@ -103,11 +103,7 @@ class Outgoing:
 
 def request_serializer(message_class: type) -> Callable[[Any], bytes]:
     """A gRPC request serializer taking a ``message_class`` message or an ``Outgoing``."""
-    paths = {
-        field.name: (field.number, field.message_type.fields_by_name["data"].number)
-        for field in message_class.DESCRIPTOR.fields
-        if field.message_type is not None and field.message_type.full_name == "vaeserve.v1.Tensor"
-    }
+    paths = protowire.fields_of_type(message_class, pb.Tensor.DESCRIPTOR.full_name, "data")
 
     def serialize(request: Any) -> bytes:
         if not isinstance(request, Outgoing):

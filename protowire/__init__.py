@@ -23,7 +23,15 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-__all__ = ["MalformedMessage", "varint", "bytes_field", "serialize", "detach", "field_path"]
+__all__ = [
+    "MalformedMessage",
+    "varint",
+    "bytes_field",
+    "serialize",
+    "detach",
+    "field_path",
+    "fields_of_type",
+]
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 _FIXED_SIZES = {_FIXED64: 8, _FIXED32: 4}
@@ -50,6 +58,16 @@ def field_path(message_class: type, *names: str) -> Path:
             if descriptor is None:
                 raise ValueError(f"{name} is not a message field, so it cannot lead to {names}")
     return tuple(numbers)
+
+
+def fields_of_type(message_class: type, type_name: str, inner: str) -> dict[str, Path]:
+    """Each top-level field of ``message_class`` whose message type is ``type_name``, by name,
+    with the path to that type's field ``inner``: e.g. every Tensor field's ``data``."""
+    return {
+        field.name: (field.number, field.message_type.fields_by_name[inner].number)
+        for field in message_class.DESCRIPTOR.fields
+        if field.message_type is not None and field.message_type.full_name == type_name
+    }
 
 
 def varint(value: int) -> bytes:

@@ -34,13 +34,14 @@ __all__ = [
     "map_errors",
     "MalformedRequest",
     "DetachedRequest",
+    "TENSOR_TYPE",
     "detached_bytes",
     "add_service",
 ]
 
 logger = logging.getLogger(__name__)
 
-_TENSOR_TYPE = "vaeserve.v1.Tensor"
+TENSOR_TYPE = "vaeserve.v1.Tensor"  # the typed API's wire tensor, by full name
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
@@ -129,15 +130,13 @@ def detached_bytes(request: Any, field: str) -> list[Any]:
     return detached.get(field, [])
 
 
-def _large_fields(descriptor: Any) -> dict[protowire.Path, str]:
+def _large_fields(cls: Any) -> dict[protowire.Path, str]:
     """Where a request type carries bulk bytes: each top-level Tensor's ``data``, and each
     top-level repeated bytes field (the Open Inference Protocol's ``raw_input_contents``)."""
-    paths = {}
-    for field in descriptor.fields:
-        tensor = field.message_type
-        if tensor is not None and tensor.full_name == _TENSOR_TYPE:
-            paths[(field.number, tensor.fields_by_name["data"].number)] = field.name
-        elif field.type == field.TYPE_BYTES and _is_repeated(field):
+    tensors = protowire.fields_of_type(cls, TENSOR_TYPE, "data")
+    paths = {path: name for name, path in tensors.items()}
+    for field in cls.DESCRIPTOR.fields:
+        if field.type == field.TYPE_BYTES and _is_repeated(field):
             paths[(field.number,)] = field.name
     return paths
 
@@ -150,7 +149,7 @@ def _is_repeated(field: Any) -> bool:
 
 def _tolerant_parser(cls: Any) -> Callable[[bytes], Any]:
     type_name = cls.DESCRIPTOR.full_name
-    paths = _large_fields(cls.DESCRIPTOR)
+    paths = _large_fields(cls)
 
     def parse(data: bytes) -> Any:
         try:

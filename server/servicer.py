@@ -15,9 +15,8 @@ import grpc
 import numpy as np
 
 import protowire
-from protowire import field_path
 from server import pipeline
-from server.errors import map_errors
+from server.errors import TENSOR_TYPE, map_errors
 from server.repository import LoadedModel, ModelRegistry
 from server.settings import ServerSettings
 from server.tensors import WIRE_DTYPES, describe, wire_samples
@@ -37,14 +36,9 @@ __all__ = ["SERVICE_NAME", "VaeServicer"]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
 # Where each answer's tensor bytes go on the wire (protowire.serialize appends them).
 _DATA = {
-    (answer, name): field_path(answer, name, "data")
-    for answer, names in (
-        (pb.SampleResponse, ("samples", "labels", "latents")),
-        (pb.EncodeResponse, ("mu", "logvar", "z")),
-        (pb.DecodeResponse, ("x",)),
-        (pb.ReconstructResponse, ("x",)),
-    )
-    for name in names
+    (answer, name): path
+    for answer in (pb.SampleResponse, pb.EncodeResponse, pb.DecodeResponse, pb.ReconstructResponse)
+    for name, path in protowire.fields_of_type(answer, TENSOR_TYPE, "data").items()
 }
 _STATES = {
     "loading": pb.MODEL_STATE_LOADING,

@@ -16,7 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.tensors import answer_parser
-from protowire import MalformedMessage, bytes_field, detach, field_path, serialize, varint
+from protowire import (
+    MalformedMessage,
+    bytes_field,
+    detach,
+    field_path,
+    fields_of_type,
+    serialize,
+    varint,
+)
 from server.tensors import describe
 from vaeserve_proto.inference import grpc_service_pb2 as oip
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
@@ -266,3 +274,12 @@ def test_server_answer_round_trips_through_the_client_parser_without_copies():
         assert not back.flags.writeable
         assert np.shares_memory(back, np.frombuffer(raw, np.uint8))
     assert parsed.optional_tensor("latents") is None
+
+
+def test_fields_of_type_finds_every_tensor_field_and_its_data():
+    tensor = pb.Tensor.DESCRIPTOR.full_name
+    assert fields_of_type(pb.SampleResponse, tensor, "data") == PATHS
+    assert fields_of_type(pb.EncodeRequest, tensor, "data") == {
+        "x": field_path(pb.EncodeRequest, "x", "data")
+    }
+    assert fields_of_type(pb.SampleRequest, tensor, "data") == {}
