@@ -11,7 +11,7 @@ import numpy as np
 from client.tensors import Answer, dtype_name
 from vaeserve_proto.v1 import vaeserve_pb2 as pb
 
-__all__ = ["ModelInfo", "SampleResult", "EncodeResult", "DecodeResult", "optional_tensor"]
+__all__ = ["ModelInfo", "SampleResult", "EncodeResult", "DecodeResult"]
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,6 @@ class SampleResult:
     latents: np.ndarray | None  # (n, latent_dim) float32 when asked for
 
     @classmethod
-    def from_proto(cls, resp: pb.SampleResponse) -> SampleResult:
-        return cls.from_answer(Answer(resp, {}))
-
-    @classmethod
     def from_answer(cls, answer: Answer) -> SampleResult:
         resp = answer.message
         return cls(
@@ -110,8 +106,3 @@ class DecodeResult:
     model_version: int
     x: np.ndarray  # (n, *sample_shape)
     seed: int
-
-
-def optional_tensor(message: Any, field: str) -> np.ndarray | None:
-    """A tensor field's array, or None for one unset or left empty (labels of a plain VAE)."""
-    return Answer(message, {}).optional_tensor(field)

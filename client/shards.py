@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from export.manifest import sha256_of_file
-from training.atomic import write_atomically
+from training.atomic import fsync_dir, write_atomically
 
 __all__ = [
     "JOB_FILE",
@@ -218,7 +218,7 @@ def write_shard(
             tmp.mkdir()
             for name, data in files.items():
                 _write_synced(tmp / name, data)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             digest = _listing_sha256(files)
             # A folder left by a run killed after its rename but before job.json recorded it:
             # os.replace cannot replace a non-empty folder.
@@ -230,7 +230,7 @@ def write_shard(
         # A full disk: give back the space of the partial shard at once, not on the next run.
         _remove(tmp)
         raise
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return ShardRecord(index, start, stop, path, digest)
 
 
@@ -315,11 +315,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,11 +16,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from training.atomic import write_atomically
 
 __all__ = [
     "MANIFEST_FILE",
@@ -455,20 +456,9 @@ def read_manifest(path: str | os.PathLike[str]) -> ModelManifest:
 
 def write_manifest(manifest: ModelManifest, path: str | os.PathLike[str]) -> None:
     """Write ``manifest`` as JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # allow_nan=False: NaN/Infinity are not JSON, and other clients' parsers reject them.
-            json.dump(manifest.to_dict(), f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # allow_nan=False: NaN/Infinity are not JSON, and other clients' parsers reject them.
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def verify_files(manifest: ModelManifest, version_dir: str | os.PathLike[str]) -> None:

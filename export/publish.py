@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from export.manifest import DIR_MODE, FILE_MODE, list_versions, validate_model_name
+from training.atomic import fsync_dir
 
 __all__ = [
     "STAGING_PREFIX",
@@ -114,7 +115,7 @@ def publish_version(staging: Path, folder: Path, version: int, force: bool) -> P
             raise VersionExistsError(f"{target} exists already; pass --force to replace it")
         if _exchange(staging, target):  # staging now holds the old version
             shutil.rmtree(staging, ignore_errors=True)
-            _fsync_dir(folder)
+            fsync_dir(folder)
             logger.info("replaced the previous %s", target)
             return target
         replaced = Path(tempfile.mkdtemp(prefix=f"{_REPLACED_PREFIX}{version}-", dir=folder))
@@ -130,7 +131,7 @@ def publish_version(staging: Path, folder: Path, version: int, force: bool) -> P
                 f"{target} was published by someone else meanwhile; run again"
             ) from None
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
         logger.info("replaced the previous %s", target)
@@ -163,12 +164,4 @@ def _fsync_tree(staging: Path) -> None:
     for path in staging.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(staging)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(staging)

@@ -163,6 +163,7 @@ class DynamicBatcher:
         self.name = name
         self.stats = BatchStats()
         self._runner = runner
+        self._run_small = getattr(runner, "run_small", runner.run)  # see Runner
         self._max_rows = settings.max_batch_size
         self._delay_s = settings.max_queue_delay_ms / 1000.0
         self._max_queue = settings.max_queue_size
@@ -419,7 +420,7 @@ class DynamicBatcher:
 
     def _compute(self, batch: list[_Slice], small: bool = False) -> list[Arrays | BaseException]:
         """Run one batch; on failure run each slice alone so only the culprit fails."""
-        run = getattr(self._runner, "run_small", self._runner.run) if small else self._runner.run
+        run = self._run_small if small else self._runner.run
         try:
             inputs = _gather(batch)
             start = time.perf_counter()

@@ -136,15 +136,9 @@ def _large_fields(cls: Any) -> dict[protowire.Path, str]:
     tensors = protowire.fields_of_type(cls, TENSOR_TYPE, "data")
     paths = {path: name for name, path in tensors.items()}
     for field in cls.DESCRIPTOR.fields:
-        if field.type == field.TYPE_BYTES and _is_repeated(field):
+        if field.type == field.TYPE_BYTES and field.is_repeated:
             paths[(field.number,)] = field.name
     return paths
-
-
-def _is_repeated(field: Any) -> bool:
-    # protobuf 5+ deprecates ``label`` in favour of ``is_repeated``.
-    repeated = getattr(field, "is_repeated", None)
-    return repeated if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _tolerant_parser(cls: Any) -> Callable[[bytes], Any]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["write_atomically"]
+__all__ = ["write_atomically", "fsync_dir"]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
@@ -35,3 +35,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Sync a folder's entries to disk, so that a rename into it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
