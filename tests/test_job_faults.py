@@ -89,8 +89,10 @@ def _kill_at_random(run: Run, delay_s: float) -> bool:
         run.wait()
         return False
     run.process.send_signal(signal.SIGKILL)
-    assert run.wait() == -signal.SIGKILL
-    return True
+    code = run.wait()
+    # The job may end on its own between poll() and the signal: then the kill missed it.
+    assert code in (-signal.SIGKILL, 0), code
+    return code == -signal.SIGKILL
 
 
 def test_jobs_killed_at_random_moments_resume_to_identical_files(
