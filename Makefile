@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 demo: $(STAMP)
 	scripts/demo.sh $(DEMO_DIR)
@@ -30,8 +30,8 @@ proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $$(cd proto && find . -name '*.proto' | sed 's|^\./||' | sort)
 
 check: $(STAMP)
-	$(BIN)/ruff format --diff training export server client protowire tests bench
-	$(BIN)/ruff check training export server client protowire tests bench
+	$(BIN)/ruff format --diff vaeserve training export server client tests bench
+	$(BIN)/ruff check vaeserve training export server client tests bench
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -46,11 +46,11 @@ from bench_serving import (  # noqa: E402
     serve_and_drive,
     wait_ready,
 )
+from vaeserve.client.client import AnswerStub  # noqa: E402
+from vaeserve.client.tensors import Outgoing  # noqa: E402
+from vaeserve.server.app import keep_freed_memory  # noqa: E402
 
-from client.client import AnswerStub  # noqa: E402
-from client.tensors import Outgoing  # noqa: E402
-from server.app import keep_freed_memory  # noqa: E402
-from vaeserve_proto.v1 import vaeserve_pb2 as pb  # noqa: E402
+from vaeserve.proto.v1 import vaeserve_pb2 as pb  # noqa: E402
 
 CLIENTS = (1, 4, 32)
 
@@ -109,7 +109,7 @@ async def encode_rows(server: ServerProcess, model: str, cases, window_s: float)
 
 
 def measure(arch: str, root: Path, args) -> list[Row]:
-    from export.manifest import load_version_manifest
+    from vaeserve.manifest import load_version_manifest
 
     repository, model = export_reference_model(root, arch=arch, name=f"ref_{arch}")
     version = repository / model / "1"

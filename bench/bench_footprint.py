@@ -36,8 +36,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import _SERVE, MAX_MESSAGE, export_reference_model  # noqa: E402
 
-from vaeserve_proto.v1 import vaeserve_pb2 as pb  # noqa: E402
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc  # noqa: E402
+from vaeserve.proto.v1 import vaeserve_pb2 as pb  # noqa: E402
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc  # noqa: E402
 
 START_TIMEOUT_S = 120.0
 TARGET_MB = 250.0
@@ -145,7 +145,7 @@ def rss_under_load(server: Server, model: str, n: int, args, cvae: bool) -> tupl
 
 
 def measure(label: str, repository: Path, model: str, args, tmp: Path) -> dict:
-    from export.manifest import list_versions, load_version_manifest
+    from vaeserve.manifest import list_versions, load_version_manifest
 
     version = repository / model / str(max(list_versions(repository / model)))
     cvae = load_version_manifest(version).num_classes is not None

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cases = [tuple(int(v) for v in case.split("x")) for case in args.cases.split(",")]
     pa = args.pa_venv / "bin" / "perf_analyzer"
-    from export.manifest import load_version_manifest
+    from vaeserve.manifest import load_version_manifest
 
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
     with tempfile.TemporaryDirectory(prefix="vaeserve-pa-") as tmp:

@@ -37,20 +37,20 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from vaeserve.client.client import AnswerStub
+from vaeserve.server.app import keep_freed_memory
+from vaeserve.server.runner import CPU_PROVIDER, OnnxRunner
+from vaeserve.server.settings import usable_cores
 
-from client.client import AnswerStub
-from server.app import keep_freed_memory
-from server.runner import CPU_PROVIDER, OnnxRunner
-from server.settings import usable_cores
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
 SIZES = (1, 64, 1024, 4096)
 WINDOWS = 3  # measurement windows per figure; the best one counts
 CLIENTS = (1, 16)
 MAX_MESSAGE = 64 << 20
 START_TIMEOUT_S = 120.0
-_SERVE = "import sys; from server.app import main; sys.exit(main())"
+_SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"
 
 
 @dataclass
@@ -86,11 +86,10 @@ def export_reference_model(
     channels (stride-2 convolutions 32, 64), also to 1x28x28.
     """
     import torch
-
-    from export.onnx_export import export_checkpoint
-    from training.checkpoint import save_checkpoint
-    from training.config import ModelConfig
-    from training.model import build_model
+    from vaeserve.export.onnx_export import export_checkpoint
+    from vaeserve.training.checkpoint import save_checkpoint
+    from vaeserve.training.config import ModelConfig
+    from vaeserve.training.model import build_model
 
     hidden = (512, 512) if arch == "mlp" else (32, 64)
     config = ModelConfig(data_shape=(1, 28, 28), latent_dim=32, hidden_dims=hidden, arch=arch)
@@ -336,7 +335,7 @@ def print_table(rows: list[Row], batching_gain: float, workers_gain: float | Non
 
 def measure(repository: Path, model: str, args: argparse.Namespace, tmp: Path) -> None:
     """Every figure of the table, printed."""
-    from export.manifest import list_versions, load_version_manifest
+    from vaeserve.manifest import list_versions, load_version_manifest
 
     version_dir = repository / model / str(max(list_versions(repository / model)))
     manifest = load_version_manifest(version_dir)

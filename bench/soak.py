@@ -46,10 +46,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
-_SERVE = "import sys; from server.app import main; sys.exit(main())"  # vae-serve
+_SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"  # vae-serve
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 30.0
 MAX_MESSAGE = 64 << 20
@@ -63,11 +63,10 @@ RECOVERY_PROBE_S = 0.01
 def export_reference_models(root: Path) -> tuple[Path, str, str]:
     """Random-weight VAE and concat CVAE of the reference size, in <root>/models."""
     import torch
-
-    from export.onnx_export import export_checkpoint
-    from training.checkpoint import save_checkpoint
-    from training.config import ModelConfig
-    from training.model import build_model
+    from vaeserve.export.onnx_export import export_checkpoint
+    from vaeserve.training.checkpoint import save_checkpoint
+    from vaeserve.training.config import ModelConfig
+    from vaeserve.training.model import build_model
 
     data_info = {  # no data set on disk: the exporter's parity gate uses synthetic images
         "spec": f"npz:{root / 'absent.npz'}",
@@ -207,8 +206,8 @@ class Calls:
         self.golden: bytes | None = None
         self.oip = None
         if oip:
-            from vaeserve_proto.inference import grpc_service_pb2 as oip_pb
-            from vaeserve_proto.inference import grpc_service_pb2_grpc as oip_grpc
+            from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
+            from vaeserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
 
             self.oip, self.oip_pb = oip_grpc.GRPCInferenceServiceStub(channel), oip_pb
 
@@ -492,8 +491,8 @@ async def drive(server: Server, names: tuple[str, str], plan: Plan) -> dict:
 
 async def _offers_oip(channel: grpc.aio.Channel) -> bool:
     """Whether the server answers the Open Inference Protocol (it is optional here)."""
-    from vaeserve_proto.inference import grpc_service_pb2 as oip_pb
-    from vaeserve_proto.inference import grpc_service_pb2_grpc as oip_grpc
+    from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
+    from vaeserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
 
     try:
         live = oip_grpc.GRPCInferenceServiceStub(channel).ServerLive

@@ -3,9 +3,9 @@
 Kept light: importing the client never imports torch or onnxruntime.
 """
 
-from client.client import VaeClient
-from client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult
-from client.retry import RetryPolicy
+from vaeserve.client.client import VaeClient
+from vaeserve.client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult
+from vaeserve.client.retry import RetryPolicy
 
 __all__ = [
     "VaeClient",

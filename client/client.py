@@ -17,12 +17,12 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import message_factory
+from vaeserve.client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult
+from vaeserve.client.retry import Retrier, RetryPolicy, call_with_retry
+from vaeserve.client.tensors import ENCODINGS, OUTPUTS, Outgoing, answer_parser, request_serializer
 
-from client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult
-from client.retry import Retrier, RetryPolicy, call_with_retry
-from client.tensors import ENCODINGS, OUTPUTS, Outgoing, answer_parser, request_serializer
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
 __all__ = ["VaeClient", "AnswerStub"]
 

@@ -19,11 +19,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
-
-from client.job import KillSwitch, run_job, verify_finished, write_preview
-from client.results import ModelInfo
-from client.shards import FORMATS, JOB_FILE, JobError, JobManifest, JobSpec, read_job
-from client.sources import SampleSource
+from vaeserve.client.job import KillSwitch, run_job, verify_finished, write_preview
+from vaeserve.client.results import ModelInfo
+from vaeserve.client.shards import FORMATS, JOB_FILE, JobError, JobManifest, JobSpec, read_job
+from vaeserve.client.sources import SampleSource
 
 __all__ = ["main"]
 
@@ -168,14 +167,14 @@ def _check_images(args: argparse.Namespace, info: ModelInfo) -> None:
 
 
 def _open_source(args: argparse.Namespace) -> SampleSource:
-    from client.retry import RetryPolicy
+    from vaeserve.client.retry import RetryPolicy
 
     if args.local is not None:
-        from client.local import LocalSource
+        from vaeserve.client.local import LocalSource
 
         return LocalSource(Path(args.local))
-    from client.client import VaeClient
-    from client.sources import ServedSource
+    from vaeserve.client.client import VaeClient
+    from vaeserve.client.sources import ServedSource
 
     def pem(path: Path | None) -> bytes | None:
         return None if path is None else path.read_bytes()

@@ -18,9 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-
-from client.shards import JobManifest, JobSpec, remove_temporaries, verify_shard, write_shard
-from client.sources import SampleSource
+from vaeserve.client.shards import (
+    JobManifest,
+    JobSpec,
+    remove_temporaries,
+    verify_shard,
+    write_shard,
+)
+from vaeserve.client.sources import SampleSource
 
 __all__ = ["KillSwitch", "JobResult", "verify_finished", "run_job", "write_preview"]
 
@@ -177,7 +182,7 @@ def _pieces(spec: JobSpec, job: JobManifest, request_size: int) -> list[tuple[in
 
 def write_preview(source: SampleSource, spec: JobSpec, path: Path) -> None:
     """A PNG grid of the job's first samples: one row per class for a CVAE, else 10 columns."""
-    from training.images import save_grid
+    from vaeserve.training.images import save_grid
 
     # PREVIEW_COLUMNS periods of the label pattern hold at least that many of each class.
     periods = len(spec.label_pattern) if spec.label_pattern else _VAE_PREVIEW_ROWS

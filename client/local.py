@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-
-from client.results import ModelInfo
-from client.shards import JobSpec
-from client.sources import shard_arrays
-from client.tensors import ENCODINGS, OUTPUTS, from_tensor
+from vaeserve.client.results import ModelInfo
+from vaeserve.client.shards import JobSpec
+from vaeserve.client.sources import shard_arrays
+from vaeserve.client.tensors import ENCODINGS, OUTPUTS, from_tensor
 
 __all__ = ["LocalSource"]
 
@@ -53,10 +52,11 @@ class LocalSource:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def model_info(self, model: str, version: int) -> ModelInfo:
-        from server.errors import ModelNotFound
-        from server.repository import ModelRegistry, RepositoryError
-        from server.runner import runner_factory
-        from server.settings import ServerSettings
+        from vaeserve.server.repository import ModelRegistry, RepositoryError
+        from vaeserve.server.runner import runner_factory
+        from vaeserve.server.settings import ServerSettings
+
+        from vaeserve.errors import ModelNotFound
 
         settings = ServerSettings(repository=self.repository, models=(model,), device=self.device)
         open_graph = runner_factory(
@@ -78,8 +78,8 @@ class LocalSource:
         return _model_info(loaded, settings)
 
     def fetch(self, spec: JobSpec, start: int, stop: int) -> dict[str, np.ndarray]:
-        from server import pipeline
-        from server.tensors import encode_samples
+        from vaeserve.server import pipeline
+        from vaeserve.server.tensors import encode_samples
 
         assert self._model.manifest.version == spec.model_version, "model_info() pins the model"
         labels = spec.labels_for(start, stop)

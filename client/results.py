@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from vaeserve.client.tensors import Answer, dtype_name
 
-from client.tensors import Answer, dtype_name
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
 
 __all__ = ["ModelInfo", "SampleResult", "EncodeResult", "DecodeResult"]
 

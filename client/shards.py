@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from export.manifest import sha256_of_file
-from training.atomic import fsync_dir, write_atomically
+from vaeserve.atomic import fsync_dir, write_atomically
+from vaeserve.errors import VaeServeError
+from vaeserve.manifest import sha256_of_file
 
 __all__ = [
     "JOB_FILE",
@@ -53,7 +54,7 @@ _TMP_MARK = ".tmp-"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest date: no wall-clock time in the bytes
 
 
-class JobError(ValueError):
+class JobError(VaeServeError, ValueError):
     """A job that cannot go on: a foreign output folder, a changed parameter, a bad manifest."""
 
 

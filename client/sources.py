@@ -12,10 +12,9 @@ from typing import Protocol
 
 import grpc
 import numpy as np
-
-from client.client import VaeClient
-from client.results import ModelInfo
-from client.shards import JobSpec
+from vaeserve.client.client import VaeClient
+from vaeserve.client.results import ModelInfo
+from vaeserve.client.shards import JobSpec
 
 __all__ = ["SampleSource", "ServedSource", "shard_arrays"]
 

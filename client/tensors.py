@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-import protowire
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve import protowire
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
 
 __all__ = [
     "ENCODINGS",

@@ -15,6 +15,8 @@ import onnx
 import torch
 from torch import nn
 
+from vaeserve.errors import VaeServeError
+
 __all__ = [
     "DEFAULT_OPSET",
     "GRAPH_FILES",
@@ -50,7 +52,7 @@ RANDOM_OPS = frozenset(
 _EXAMPLE_BATCH = 3
 
 
-class ExportError(RuntimeError):
+class ExportError(VaeServeError, RuntimeError):
     """A graph failed a structural check (checker, shape inference, opset, random ops, files)."""
 
 

@@ -27,8 +27,7 @@ import onnx
 import onnxruntime as ort
 import onnxscript
 import torch
-
-from export.graphs import (
+from vaeserve.export.graphs import (
     DEFAULT_OPSET,
     GRAPH_FILES,
     ExportError,
@@ -37,7 +36,23 @@ from export.graphs import (
     graph_modules,
     validate_opset,
 )
-from export.manifest import (
+from vaeserve.export.parity import (
+    BATCH_SIZES,
+    TOLERANCES,
+    ParityError,
+    build_cases,
+    check_parity,
+    reference_data,
+)
+from vaeserve.export.publish import (
+    VersionExistsError,
+    model_folder,
+    publish_version,
+    resolve_version,
+    staging_folder,
+)
+
+from vaeserve.manifest import (
     MANIFEST_FILE,
     GraphSpec,
     ManifestError,
@@ -49,21 +64,6 @@ from export.manifest import (
     validate_model_name,
     verify_files,
     write_manifest,
-)
-from export.parity import (
-    BATCH_SIZES,
-    TOLERANCES,
-    ParityError,
-    build_cases,
-    check_parity,
-    reference_data,
-)
-from export.publish import (
-    VersionExistsError,
-    model_folder,
-    publish_version,
-    resolve_version,
-    staging_folder,
 )
 
 __all__ = ["ExportResult", "export_checkpoint", "main"]
@@ -108,7 +108,7 @@ def export_checkpoint(
         FileNotFoundError / OSError: missing checkpoint, unwritable repository.
         ExportError / ParityError / ManifestError: the graphs failed a check; nothing is published.
     """
-    from training.checkpoint import load_model
+    from vaeserve.training.checkpoint import load_model
 
     start = time.perf_counter()
     validate_model_name(name)

@@ -17,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from vaeserve.errors import VaeServeError
+
 __all__ = [
     "BATCH_SIZES",
     "REL_FLOOR",
@@ -61,7 +63,7 @@ REL_FLOOR = 1e-2
 _PARITY_SEED = 0
 
 
-class ParityError(RuntimeError):
+class ParityError(VaeServeError, RuntimeError):
     """onnxruntime and PyTorch disagree beyond the tolerance; nothing may be published."""
 
 
@@ -81,7 +83,7 @@ def reference_data(data_info: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray
     Raises:
         FileNotFoundError / ValueError: the data set named by the checkpoint cannot be loaded.
     """
-    from training.data import load_dataset
+    from vaeserve.training.data import load_dataset
 
     spec = data_info.get("spec")
     binarize = data_info.get("binarize", "none")

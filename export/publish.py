@@ -18,8 +18,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from export.manifest import DIR_MODE, FILE_MODE, list_versions, validate_model_name
-from training.atomic import fsync_dir
+from vaeserve.atomic import fsync_dir
+from vaeserve.errors import VaeServeError
+from vaeserve.manifest import DIR_MODE, FILE_MODE, list_versions, validate_model_name
 
 __all__ = [
     "STAGING_PREFIX",
@@ -36,7 +37,7 @@ STAGING_PREFIX = ".staging-"
 _REPLACED_PREFIX = ".replaced-"
 
 
-class VersionExistsError(FileExistsError):
+class VersionExistsError(VaeServeError, FileExistsError):
     """The version folder exists already and ``--force`` was not given."""
 
 

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from server.settings import LOG_FORMATS
+from vaeserve.server.settings import LOG_FORMATS
 
 __all__ = ["JsonFormatter", "configure_logging"]
 

@@ -14,13 +14,14 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from vaeserve.server.handlers import detached_bytes
 
-import protowire
-from export.manifest import ModelManifest, TensorSpec
-from protowire import field_path
-from server.errors import InvalidRequest, detached_bytes
-from vaeserve_proto.inference import grpc_service_pb2 as pb
-from vaeserve_proto.inference import model_config_pb2 as config_pb
+from vaeserve import protowire
+from vaeserve.errors import InvalidRequest
+from vaeserve.manifest import ModelManifest, TensorSpec
+from vaeserve.proto.inference import grpc_service_pb2 as pb
+from vaeserve.proto.inference import model_config_pb2 as config_pb
+from vaeserve.protowire import field_path
 
 __all__ = [
     "KSERVE_DATATYPES",

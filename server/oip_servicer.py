@@ -14,17 +14,18 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
+from vaeserve.server import oip_convert as convert
+from vaeserve.server.batcher import DynamicBatcher
+from vaeserve.server.metrics import GraphKey, ServerMetrics
+from vaeserve.server.repository import LoadedModel, ModelRegistry
+from vaeserve.server.settings import ServerSettings
+from vaeserve.server.status import map_errors
 
-from export.manifest import GraphSpec
-from server import oip_convert as convert
-from server.batcher import DynamicBatcher
-from server.errors import InvalidRequest, ModelNotFound, NotServing, map_errors
-from server.metrics import GraphKey, ServerMetrics
-from server.repository import LoadedModel, ModelRegistry
-from server.settings import ServerSettings
-from vaeserve_proto.inference import grpc_service_pb2 as pb
-from vaeserve_proto.inference import grpc_service_pb2_grpc as pb_grpc
-from vaeserve_proto.inference import model_config_pb2 as config_pb
+from vaeserve.errors import InvalidRequest, ModelNotFound, NotServing
+from vaeserve.manifest import GraphSpec
+from vaeserve.proto.inference import grpc_service_pb2 as pb
+from vaeserve.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vaeserve.proto.inference import model_config_pb2 as config_pb
 
 __all__ = ["SERVICE_NAME", "GRAPHS", "EXTENSIONS", "PLATFORM", "OipServicer", "split_name"]
 

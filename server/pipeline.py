@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from server import sampling
-from server.repository import LoadedModel
+from vaeserve.server import sampling
+from vaeserve.server.repository import LoadedModel
 
 __all__ = [
     "SampleJob",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from export.manifest import list_versions
+from vaeserve.manifest import list_versions
 
 __all__ = ["VersionKey", "Fingerprint", "VersionOnDisk", "ReloadPlan", "ReloadTarget",
            "Reloader", "fingerprint", "scan_repository", "plan_reload"]  # fmt: skip

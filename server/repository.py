@@ -26,19 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from vaeserve.server.batcher import DynamicBatcher
+from vaeserve.server.metrics import GraphKey, ServerMetrics
+from vaeserve.server.reload import Fingerprint, VersionKey, VersionOnDisk, fingerprint
+from vaeserve.server.runner import CPU_PROVIDER, OnnxRunner, ProviderUnavailable
+from vaeserve.server.settings import ServerSettings, usable_cores
 
-from export.manifest import (
+from vaeserve.errors import ModelNotFound, NotServing, RepositoryError
+from vaeserve.manifest import (
     ModelManifest,
     check_graph_io,
     list_versions,
     load_version_manifest,
 )
-from server.batcher import DynamicBatcher
-from server.errors import ModelNotFound, NotServing
-from server.metrics import GraphKey, ServerMetrics
-from server.reload import Fingerprint, VersionKey, VersionOnDisk, fingerprint
-from server.runner import CPU_PROVIDER, OnnxRunner, ProviderUnavailable
-from server.settings import ServerSettings, usable_cores
 
 __all__ = ["RepositoryError", "VersionStatus", "LoadedModel", "ModelRegistry"]
 
@@ -47,10 +47,6 @@ logger = logging.getLogger(__name__)
 # Rows of the warm-up runs: the first run allocates, the larger one sizes the arenas.
 _WARMUP_ROWS = (1, 64)
 _GRAPHS = ("encoder", "decoder")
-
-
-class RepositoryError(RuntimeError):
-    """The repository cannot be served at all (missing folder, unknown model asked for)."""
 
 
 @dataclass(frozen=True)

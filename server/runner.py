@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnxruntime as ort
 
+from vaeserve.errors import ProviderUnavailable
+
 __all__ = [
     "CPU_PROVIDER",
     "CUDA_PROVIDER",
@@ -26,10 +28,6 @@ logger = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
-
-
-class ProviderUnavailable(RuntimeError):
-    """The requested device has no usable onnxruntime execution provider here."""
 
 
 def select_providers(device: str) -> list[str]:

@@ -13,14 +13,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
-
-import protowire
-from server import pipeline
-from server.errors import TENSOR_TYPE, map_errors
-from server.repository import LoadedModel, ModelRegistry
-from server.settings import ServerSettings
-from server.tensors import WIRE_DTYPES, describe, wire_samples
-from server.validation import (
+from vaeserve.server import pipeline
+from vaeserve.server.handlers import TENSOR_TYPE
+from vaeserve.server.repository import LoadedModel, ModelRegistry
+from vaeserve.server.settings import ServerSettings
+from vaeserve.server.status import map_errors
+from vaeserve.server.tensors import WIRE_DTYPES, describe, wire_samples
+from vaeserve.server.validation import (
     check_model_ref,
     validate_chunk_size,
     validate_decode,
@@ -28,8 +27,10 @@ from server.validation import (
     validate_reconstruct,
     validate_sample,
 )
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+
+from vaeserve import protowire
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
 __all__ = ["SERVICE_NAME", "VaeServicer"]
 

@@ -1,7 +1,7 @@
 """Wire tensors (dtype + shape + little-endian bytes) to numpy and back, without extra copies.
 
 Requests are viewed in place with ``np.frombuffer`` (their bytes stay in gRPC's buffer:
-``server.errors.DetachedRequest``). Answers carry their large tensors outside protobuf:
+``vaeserve.server.handlers.DetachedRequest``). Answers carry their large tensors outside protobuf:
 ``describe`` fills in a tensor's dtype and shape, and ``protowire.serialize`` appends its bytes
 straight from the array, one copy in all. Sample tensors may be sent compactly (float16, or
 uint8 over the model's value range), which cuts the transfer of a 4096x784 answer from 12.8 MB
@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-import protowire
-from server.errors import InvalidRequest
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve import protowire
+from vaeserve.errors import InvalidRequest
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
 
 __all__ = [
     "NUMPY_DTYPES",
@@ -47,7 +47,7 @@ def to_array(tensor: pb.Tensor, field: str, data: protowire.Buffer | None = None
 
     Args:
         data: the tensor's bytes when the request parser detached them
-            (``server.errors.detached_bytes``); None: ``tensor.data``.
+            (``vaeserve.server.handlers.detached_bytes``); None: ``tensor.data``.
 
     Raises:
         InvalidRequest: unknown dtype, negative dimension, or a byte length that does not

@@ -11,14 +11,15 @@ import math
 from typing import Any
 
 import numpy as np
+from vaeserve.server import sampling
+from vaeserve.server.handlers import detached_bytes
+from vaeserve.server.pipeline import DecodeJob, EncodeJob, ReconstructJob, SampleJob
+from vaeserve.server.settings import ServerSettings
+from vaeserve.server.tensors import dtype_name, to_array
 
-from export.manifest import ModelManifest
-from server import sampling
-from server.errors import InvalidRequest, detached_bytes
-from server.pipeline import DecodeJob, EncodeJob, ReconstructJob, SampleJob
-from server.settings import ServerSettings
-from server.tensors import dtype_name, to_array
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve.errors import InvalidRequest
+from vaeserve.manifest import ModelManifest
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
 
 __all__ = [
     "MAX_TEMPERATURE",

@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from server.settings import BatchingSettings, ServerSettings, usable_cores
+from vaeserve.server.settings import BatchingSettings, ServerSettings, usable_cores
 
 __all__ = ["decode_settings", "encode_settings", "supervise", "worker_main", "worker_settings"]
 
@@ -221,8 +221,8 @@ def _stop_all(workers: Sequence[_Worker], grace_s: float) -> list[int]:
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of one worker process: ``SETTINGS INDEX READY_FD`` from the supervisor."""
-    from server.app import run
-    from server.logs import configure_logging
+    from vaeserve.server.app import run
+    from vaeserve.server.logs import configure_logging
 
     payload, index, ready_fd = sys.argv[1:] if argv is None else argv
     settings = decode_settings(payload)

@@ -23,15 +23,14 @@ CVAE = "tiny-cvae"
 VAE = "tiny-vae"
 START_TIMEOUT_S = 60.0
 _REPOSITORY: list[Path] = []
-_SERVE = "import sys; from server.app import main; sys.exit(main())"  # vae-serve
+_SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"  # vae-serve
 
 
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository holding a concat CVAE and a VAE (latent 2, hidden 16, 1x8x8)."""
     if not _REPOSITORY:
         from export_fixtures import save_tiny_checkpoint, tiny_config
-
-        from export.onnx_export import export_checkpoint
+        from vaeserve.export.onnx_export import export_checkpoint
 
         root = tmp_path_factory.mktemp("client-repo")
         for name, config in (
@@ -115,8 +114,7 @@ class Served:
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """Body of a module-scoped ``served`` fixture: a server on 127.0.0.1, port 0."""
     from serving_fixtures import ServerThread
-
-    from server.settings import ServerSettings
+    from vaeserve.server.settings import ServerSettings
 
     repository = tiny_repository(tmp_path_factory)
     settings = ServerSettings(repository=repository, port=0, device="cpu", intra_op_threads=1)

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from training.checkpoint import save_checkpoint
-from training.config import ModelConfig
-from training.data import load_dataset
-from training.model import build_model
+from vaeserve.training.checkpoint import save_checkpoint
+from vaeserve.training.config import ModelConfig
+from vaeserve.training.data import load_dataset
+from vaeserve.training.model import build_model
 
 _DIGITS_INFO: dict[str, Any] = {}
 

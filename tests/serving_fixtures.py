@@ -19,10 +19,10 @@ from typing import Any
 import grpc
 import numpy as np
 import onnxruntime as ort
+from vaeserve.server import sampling
 
-from export.manifest import MANIFEST_FILE, load_version_manifest
-from server import sampling
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve.manifest import MANIFEST_FILE, load_version_manifest
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
 
 WAIT_S = 60.0  # upper bound of every wait on a server; never reached when tests pass
 MAX_MESSAGE = 64 << 20
@@ -40,8 +40,7 @@ _NP = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.INT64: np.int64, pb.UI
 def export_repository(root: Path, work: Path) -> Path:
     """Export MODELS through vae-export's Python API into ``root``, plus two more versions."""
     from export_fixtures import save_tiny_checkpoint, tiny_config
-
-    from export.onnx_export import export_checkpoint
+    from vaeserve.export.onnx_export import export_checkpoint
 
     for name, overrides in MODELS.items():
         checkpoint = save_tiny_checkpoint(work / f"{name}.pt", tiny_config(**overrides))
@@ -65,7 +64,7 @@ class ServerThread:
     """``create_server(settings)`` served by an event loop on a thread of its own."""
 
     def __init__(self, settings, wait_ready: bool = True):
-        from server.app import create_server
+        from vaeserve.server.app import create_server
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vaeserve-test-loop")

@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-
-from training.checkpoint import (
+from vaeserve.training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     load_checkpoint,
     load_model,
     save_checkpoint,
 )
-from training.config import ModelConfig
-from training.model import build_model
+from vaeserve.training.config import ModelConfig
+from vaeserve.training.model import build_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

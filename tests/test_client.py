@@ -15,11 +15,11 @@ import grpc
 import numpy as np
 import pytest
 from client_fixtures import ServerProcess, free_port, serve
+from vaeserve.client import RetryPolicy, VaeClient
+from vaeserve.client.retry import call_with_retry
+from vaeserve.client.tensors import Outgoing, from_tensor, request_serializer, to_tensor
 
-from client import RetryPolicy, VaeClient
-from client.retry import call_with_retry
-from client.tensors import Outgoing, from_tensor, request_serializer, to_tensor
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
 
 
 class _StatusError(grpc.RpcError):
@@ -158,7 +158,8 @@ def test_client_needs_an_address():
 def test_a_served_job_never_imports_onnxruntime():
     # torch is test_import_boundaries.py's; onnxruntime is only for --local (serve extra).
     code = (
-        "import sys, client, client.generate, client.job, client.local, client.shards\n"
+        "import sys, vaeserve.client, vaeserve.client.generate, vaeserve.client.job\n"
+        "import vaeserve.client.local, vaeserve.client.shards\n"
         "print('onnxruntime' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -222,7 +223,7 @@ def test_encode_decode_reconstruct(client, served):
 
 
 def test_not_found_fails_fast_without_retries(client, caplog):
-    with caplog.at_level(logging.WARNING, logger="client.retry"):
+    with caplog.at_level(logging.WARNING, logger="vaeserve.client.retry"):
         with pytest.raises(grpc.RpcError) as info:
             client.model_info("no-such-model")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -239,7 +240,7 @@ def test_invalid_argument_fails_fast(client, served):
 def test_unreachable_server_is_retried_then_reported(caplog):
     policy = RetryPolicy(max_attempts=None, initial_backoff_s=0.02, deadline_s=0.5)
     with VaeClient(f"127.0.0.1:{free_port()}", retry=policy) as c:
-        with caplog.at_level(logging.WARNING, logger="client.retry"):
+        with caplog.at_level(logging.WARNING, logger="vaeserve.client.retry"):
             with pytest.raises(grpc.RpcError) as info:
                 c.model_info("anything")
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -274,7 +275,7 @@ def test_a_stream_broken_by_a_server_crash_resumes_where_it_stopped(served, capl
             chunks = [next(stream) for _ in range(4)]
             server.kill()
             server = ServerProcess(served.repository, port=server.port)
-            with caplog.at_level(logging.WARNING, logger="client.retry"):
+            with caplog.at_level(logging.WARNING, logger="vaeserve.client.retry"):
                 chunks += list(stream)
     finally:
         server.kill()
@@ -289,7 +290,7 @@ def _server_with(settings, **options) -> Iterator[int]:
 
     serving_fixtures.ServerThread passes no interceptors or credentials; hence this one.
     """
-    from server.app import create_server
+    from vaeserve.server.app import create_server
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="vaeserve-test-tls-loop")
@@ -318,9 +319,8 @@ def _server_with(settings, **options) -> Iterator[int]:
 
 def test_mutual_tls_and_bearer_token(served, tmp_path):
     from tls_certs import make_certs
-
-    from server.security import BearerTokenInterceptor, server_credentials
-    from server.settings import ServerSettings
+    from vaeserve.server.security import BearerTokenInterceptor, server_credentials
+    from vaeserve.server.settings import ServerSettings
 
     certs = make_certs(tmp_path / "certs")
     settings = ServerSettings(

@@ -5,8 +5,7 @@ import struct
 
 import numpy as np
 import pytest
-
-from training.data import IDX_FILES, load_dataset, parse_spec
+from vaeserve.training.data import IDX_FILES, load_dataset, parse_spec
 
 
 def test_digits_split_is_fixed():

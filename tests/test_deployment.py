@@ -31,9 +31,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-from server.servicer import SERVICE_NAME
-from server.settings import ServerSettings, build_parser
+from vaeserve.server.servicer import SERVICE_NAME
+from vaeserve.server.settings import ServerSettings, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -403,8 +402,8 @@ def test_dockerignore_keeps_the_context_to_what_images_install() -> None:
     patterns = [ln for ln in lines if ln and not ln.startswith("#")]
     assert patterns[0] == "*", "the context should be an allow-list"
     allowed = {p[1:] for p in patterns if p.startswith("!")}
-    packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert {p.rstrip("*") for p in packages} <= allowed
+    folders = PYPROJECT["tool"]["setuptools"]["package-dir"].values()
+    assert set(folders) <= allowed
     assert {"pyproject.toml", "deploy/requirements.py"} <= allowed
 
 

@@ -33,10 +33,10 @@ from serving_fixtures import (
     export_repository,
     tensor,
 )
+from vaeserve.server.settings import BatchingSettings, ServerSettings, usable_cores
 
-from server.settings import BatchingSettings, ServerSettings, usable_cores
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
 SERVICE = "vaeserve.v1.VaeService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -237,7 +237,7 @@ def test_encode_decode_and_reconstruct_equal_onnxruntime(stub, refs):
     q = r.encode(x, labels)
     np.testing.assert_array_equal(array(encoded.mu), q["mu"])
     np.testing.assert_array_equal(array(encoded.logvar), q["logvar"])
-    from server.sampling import ENCODE_STREAM, normal_rows
+    from vaeserve.server.sampling import ENCODE_STREAM, normal_rows
 
     eps = normal_rows(8, ENCODE_STREAM, 0, 15, 2).reshape(5, 3, 2)  # row i*k+j
     expected_z = q["mu"][:, None] + np.exp(0.5 * q["logvar"])[:, None] * eps
@@ -635,7 +635,7 @@ def test_sigterm_drains_and_exits_0_without_ever_importing_torch(repository, ref
     from client_fixtures import OutputLines
 
     code = (
-        "import sys; from server.app import main; rc = main(); "
+        "import sys; from vaeserve.server.app import main; rc = main(); "
         "sys.exit(rc or (3 if 'torch' in sys.modules else 0))"
     )
     command = [

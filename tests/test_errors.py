@@ -12,24 +12,18 @@ import logging
 import grpc
 import numpy as np
 import pytest
-
-from server.errors import (
-    INTERNAL_MESSAGE,
-    DeadlineExceeded,
+from vaeserve.server.handlers import (
     DetachedRequest,
-    InvalidRequest,
     MalformedRequest,
-    ModelNotFound,
-    NotServing,
-    QueueFull,
     _tolerant_parser,
     detached_bytes,
-    map_errors,
-    status_of,
 )
-from server.tensors import to_array
-from vaeserve_proto.inference import grpc_service_pb2 as oip
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
+from vaeserve.server.status import INTERNAL_MESSAGE, map_errors, status_of
+from vaeserve.server.tensors import to_array
+
+from vaeserve.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NotServing, QueueFull
+from vaeserve.proto.inference import grpc_service_pb2 as oip
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
 
 
 class Aborted(Exception):
@@ -122,7 +116,7 @@ def test_server_errors_keep_their_message_under_their_code(exc, code):
 
 def test_unexpected_errors_become_internal_with_a_generic_message_and_a_logged_traceback(caplog):
     secret = "/srv/models/private/path.onnx: boom"
-    with caplog.at_level(logging.ERROR, logger="server.errors"):
+    with caplog.at_level(logging.ERROR, logger="vaeserve.server.status"):
         result, aborted = call_unary(ValueError(secret))
     assert result is None
     assert aborted == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
@@ -133,7 +127,7 @@ def test_unexpected_errors_become_internal_with_a_generic_message_and_a_logged_t
 
 
 def test_server_errors_are_not_logged_as_failures(caplog):
-    with caplog.at_level(logging.ERROR, logger="server.errors"):
+    with caplog.at_level(logging.ERROR, logger="vaeserve.server.status"):
         call_unary(InvalidRequest("labels holds 11, expected classes 0..9"))
     assert caplog.records == []
 

@@ -18,9 +18,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from export_fixtures import save_tiny_checkpoint, tiny_config
+from vaeserve.export import onnx_export, publish
+from vaeserve.export.publish import resolve_version
 
-from export import onnx_export, publish
-from export.manifest import (
+from vaeserve.manifest import (
     MANIFEST_FILE,
     ManifestError,
     check_graph_io,
@@ -28,7 +29,6 @@ from export.manifest import (
     load_version_manifest,
     sha256_of_file,
 )
-from export.publish import resolve_version
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_killed_exporter_leaves_only_a_hidden_folder(checkpoint: Path, tmp_path:
     # os._exit skips every cleanup handler: as close to `kill -9` mid-write as a test gets.
     code = (
         "import os, sys\n"
-        "import export.onnx_export as e\n"
+        "import vaeserve.export.onnx_export as e\n"
         "e.write_manifest = lambda *a, **k: os._exit(9)\n"
         f"sys.exit(e.main({_args(checkpoint, tmp_path)!r}))\n"
     )

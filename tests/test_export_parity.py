@@ -16,11 +16,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from export_fixtures import digits_info, save_tiny_checkpoint, tiny_config
-
-from export.graphs import GRAPH_FILES, RANDOM_OPS, graph_modules
-from export.manifest import MANIFEST_FILE, load_version_manifest
-from export.onnx_export import export_checkpoint
-from export.parity import (
+from vaeserve.export.graphs import GRAPH_FILES, RANDOM_OPS, graph_modules
+from vaeserve.export.onnx_export import export_checkpoint
+from vaeserve.export.parity import (
     TOLERANCES,
     ParityError,
     Tolerance,
@@ -29,7 +27,9 @@ from export.parity import (
     compare,
     reference_data,
 )
-from training.checkpoint import load_model
+from vaeserve.training.checkpoint import load_model
+
+from vaeserve.manifest import MANIFEST_FILE, load_version_manifest
 
 VARIANTS = {
     "vae-mlp-bernoulli": ({}, False),

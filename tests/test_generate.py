@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from client_fixtures import CVAE, OutputLines, ServerProcess, free_port, serve
-
-from client.generate import main
-from client.job import KILL_ENV, KillSwitch
-from client.shards import JobSpec, _npz_bytes, read_job
+from vaeserve.client.generate import main
+from vaeserve.client.job import KILL_ENV, KillSwitch
+from vaeserve.client.shards import JobSpec, _npz_bytes, read_job
 
 JOB_TIMEOUT_S = 60
-_COMMAND = [sys.executable, "-c", "import sys; from client.generate import main; sys.exit(main())"]
+_COMMAND = [
+    sys.executable,
+    "-c",
+    "import sys; from vaeserve.client.generate import main; sys.exit(main())",
+]
 # 5 shards, the last one short; pieces of 30 samples so that a kill can land mid-shard.
 JOB = ["--num", "450", "--shard-size", "100", "--request-size", "30", "--seed", "11"]
 JOB += ["--concurrency", "2", "--no-progress", "--log-level", "WARNING"]

@@ -15,8 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from server import healthcheck
+from vaeserve.server import healthcheck
 
 SERVICE = "vaeserve.v1.VaeService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -135,7 +134,7 @@ def test_console_script_exit_code_and_no_torch() -> None:
     async def scenario() -> tuple[subprocess.CompletedProcess[str], str]:
         async with _health_server() as (_, port):
             code = (
-                "import sys; from server import healthcheck; rc = healthcheck.main(); "
+                "import sys; from vaeserve.server import healthcheck; rc = healthcheck.main(); "
                 "sys.exit(3 if 'torch' in sys.modules else rc)"
             )
             env = {**os.environ, "VAESERVE_PORT": str(port)}

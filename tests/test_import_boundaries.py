@@ -12,14 +12,14 @@ import sys
 
 import pytest
 
-import client
-import server
+from vaeserve import client, server
 
 FORBIDDEN = ("torch", "torchvision", "onnxscript")
 
 
 def _modules(package) -> list[str]:
-    return sorted(f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__))
+    names = (m.name for m in pkgutil.iter_modules(package.__path__) if m.name != "__main__")
+    return sorted(f"{package.__name__}.{name}" for name in names)
 
 
 @pytest.mark.parametrize("package", [server, client], ids=lambda p: p.__name__)
@@ -47,4 +47,4 @@ def test_the_serve_extra_does_not_depend_on_torch():
     project = pyproject["project"]
     serve = project["optional-dependencies"]["serve"] + project["dependencies"]
     assert not [d for d in serve if d.lower().startswith(FORBIDDEN)], serve
-    assert project["scripts"]["vae-serve"] == "server.app:main"
+    assert project["scripts"]["vae-serve"] == "vaeserve.server.app:main"

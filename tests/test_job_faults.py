@@ -23,14 +23,17 @@ from pathlib import Path
 import pytest
 from client_fixtures import CVAE, OutputLines, serve
 from test_generate import _assert_same_files, _visible_shards_are_complete
-
-from client.generate import main
-from client.job import KILL_ENV
-from client.shards import JOB_FILE, read_job, verify_shard
+from vaeserve.client.generate import main
+from vaeserve.client.job import KILL_ENV
+from vaeserve.client.shards import JOB_FILE, read_job, verify_shard
 
 TIMEOUT_S = 60
 TRIALS = 10  # random-kill trials, each: kill, resume and kill again, resume to the end
-_COMMAND = [sys.executable, "-c", "import sys; from client.generate import main; sys.exit(main())"]
+_COMMAND = [
+    sys.executable,
+    "-c",
+    "import sys; from vaeserve.client.generate import main; sys.exit(main())",
+]
 # 12 shards (the last one short) of 250 samples, fetched 20 at a time: ~150 requests.
 JOB = ["--num", "2900", "--shard-size", "250", "--request-size", "20", "--seed", "5"]
 JOB += ["--concurrency", "2", "--no-progress"]
@@ -75,7 +78,7 @@ def reference(served, tmp_path_factory) -> tuple[Path, float]:
     """An uninterrupted run's folder, and how long its job took after it logged "job:"."""
     out = tmp_path_factory.mktemp("reference") / "job"
     run = Run(_args(served, out))
-    run.output.wait_for(r"INFO client\.generate: job:")
+    run.output.wait_for(r"INFO vaeserve\.client\.generate: job:")
     began = time.monotonic()
     assert run.wait() == 0, run.output.text()
     return out, time.monotonic() - began
@@ -83,7 +86,7 @@ def reference(served, tmp_path_factory) -> tuple[Path, float]:
 
 def _kill_at_random(run: Run, delay_s: float) -> bool:
     """SIGKILL ``delay_s`` after the job starts; True if it was still running then."""
-    run.output.wait_for(r"client\.generate: job:|complete")
+    run.output.wait_for(r"vaeserve\.client\.generate: job:|complete")
     time.sleep(delay_s)  # the point of the trial is a moment nobody chose
     if run.process.poll() is not None:
         run.wait()

@@ -6,12 +6,12 @@ import json
 import logging
 import sys
 
-from server.logs import JsonFormatter
+from vaeserve.server.logs import JsonFormatter
 
 
 def _record(message: str, *args, exc_info=None, **extra) -> logging.LogRecord:
     record = logging.LogRecord(
-        "server.observer", logging.INFO, __file__, 1, message, args, exc_info
+        "vaeserve.server.observer", logging.INFO, __file__, 1, message, args, exc_info
     )
     record.__dict__.update(extra)
     return record
@@ -24,7 +24,7 @@ def test_a_json_line_holds_the_message_and_the_event_fields():
     assert "\n" not in line
     entry = json.loads(line)
     assert entry["message"] == "rpc failed: rpc=ModelInfer code=NOT_FOUND"
-    assert (entry["level"], entry["logger"]) == ("INFO", "server.observer")
+    assert (entry["level"], entry["logger"]) == ("INFO", "vaeserve.server.observer")
     assert (entry["event"], entry["code"], entry["latency_ms"]) == ("rpc_failed", "NOT_FOUND", 1.5)
     assert entry["time"].endswith("Z")
 

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
-
-from training.config import ModelConfig
-from training.evaluate import independent_bernoulli_nll
-from training.losses import (
+from vaeserve.training.config import ModelConfig
+from vaeserve.training.evaluate import independent_bernoulli_nll
+from vaeserve.training.losses import (
     bernoulli_log_prob,
     elbo_terms,
     evaluate_bounds,
@@ -20,7 +19,7 @@ from training.losses import (
     log_normal_diag,
     training_loss,
 )
-from training.model import build_model, reparameterize
+from vaeserve.training.model import build_model, reparameterize
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

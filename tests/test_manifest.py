@@ -1,6 +1,6 @@
 """The manifest reader/writer: round trips, and a clear error for each kind of corruption.
 
-Torch-free on purpose, like export.manifest itself: the graph files here are stand-in bytes;
+Torch-free on purpose, like vaeserve.manifest itself: the graph files here are stand-in bytes;
 test_export_cli.py checks manifests against real graphs.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from export.manifest import (
+from vaeserve.manifest import (
     MANIFEST_FILE,
     ManifestError,
     ModelManifest,
@@ -392,7 +392,7 @@ def test_invalid_model_names(name: str) -> None:
 
 def test_manifest_module_imports_no_torch_or_onnx() -> None:
     code = (
-        "import sys, export, export.manifest; "
+        "import sys, vaeserve.manifest; "
         "bad = sorted({'torch', 'onnx', 'onnxruntime'} & set(sys.modules)); "
         "assert not bad, bad"
     )

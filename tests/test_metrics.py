@@ -12,12 +12,12 @@ from client_fixtures import tiny_repository
 from ops_fixtures import CVAE, DECODER, decoder_inputs, settings, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from serving_fixtures import ServerThread, channel
+from vaeserve.server.metrics import GraphKey, MetricsEndpoint, ServerMetrics
 
-from server.metrics import GraphKey, MetricsEndpoint, ServerMetrics
-from vaeserve_proto.inference import grpc_service_pb2 as oip_pb
-from vaeserve_proto.inference import grpc_service_pb2_grpc as oip_grpc
-from vaeserve_proto.v1 import vaeserve_pb2 as vae_pb
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as vae_grpc
+from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
+from vaeserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
+from vaeserve.proto.v1 import vaeserve_pb2 as vae_pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as vae_grpc
 
 KEY = GraphKey("digits", 1, "decoder")
 
@@ -161,7 +161,7 @@ def _scrape_when(port: int, settled) -> dict:
 def test_scraped_metrics_count_what_was_served(served, caplog):
     sample_ok = ("vaeserve_requests_total", frozenset({"rpc": "Sample", "model": CVAE,
                                                        "code": "OK"}.items()))  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="server.observer"):
+    with caplog.at_level(logging.INFO, logger="vaeserve.server.observer"):
         _traffic(served.address)
         samples = _scrape_when(served.server.metrics_port, lambda s: s.get(sample_ok) == 2)
 

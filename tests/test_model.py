@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-
-from training.config import ModelConfig, TrainConfig
-from training.losses import training_loss
-from training.model import build_model
+from vaeserve.training.config import ModelConfig, TrainConfig
+from vaeserve.training.losses import training_loss
+from vaeserve.training.model import build_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

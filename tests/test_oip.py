@@ -13,14 +13,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from ops_fixtures import CVAE, DECODER, ENCODER, decoder_inputs, pristine_version, settings
 from serving_fixtures import Reference, ServerThread, channel
+from vaeserve.server import oip_convert as convert
+from vaeserve.server.oip_servicer import split_name
 
-from export.manifest import TensorSpec
-from server import oip_convert as convert
-from server.errors import InvalidRequest, ModelNotFound
-from server.oip_servicer import split_name
-from vaeserve_proto.inference import grpc_service_pb2 as pb
-from vaeserve_proto.inference import grpc_service_pb2_grpc as pb_grpc
-from vaeserve_proto.inference import model_config_pb2 as config_pb
+from vaeserve.errors import InvalidRequest, ModelNotFound
+from vaeserve.manifest import TensorSpec
+from vaeserve.proto.inference import grpc_service_pb2 as pb
+from vaeserve.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vaeserve.proto.inference import model_config_pb2 as config_pb
 
 SPECS = {"z": TensorSpec("float32", (-1, 2)), "y": TensorSpec("int64", (-1,))}
 OUT_SPECS = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from vaeserve_proto.inference import grpc_service_pb2, model_config_pb2
+from vaeserve.proto.inference import grpc_service_pb2, model_config_pb2
 
 _F = descriptor_pb2.FieldDescriptorProto
 

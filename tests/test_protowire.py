@@ -14,9 +14,12 @@ import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vaeserve.client.tensors import answer_parser
+from vaeserve.server.tensors import describe
 
-from client.tensors import answer_parser
-from protowire import (
+from vaeserve.proto.inference import grpc_service_pb2 as oip
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.protowire import (
     MalformedMessage,
     bytes_field,
     detach,
@@ -25,9 +28,6 @@ from protowire import (
     serialize,
     varint,
 )
-from server.tensors import describe
-from vaeserve_proto.inference import grpc_service_pb2 as oip
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
 
 TENSORS = ("samples", "labels", "latents")
 PATHS = {name: field_path(pb.SampleResponse, name, "data") for name in TENSORS}

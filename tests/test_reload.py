@@ -24,12 +24,12 @@ from ops_fixtures import (
     wait_until,
 )
 from serving_fixtures import ServerThread, channel
+from vaeserve.server.reload import Reloader, VersionOnDisk, plan_reload, scan_repository
 
-from server.reload import Reloader, VersionOnDisk, plan_reload, scan_repository
-from vaeserve_proto.inference import grpc_service_pb2 as oip_pb
-from vaeserve_proto.inference import grpc_service_pb2_grpc as oip_grpc
-from vaeserve_proto.v1 import vaeserve_pb2 as vae_pb
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as vae_grpc
+from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
+from vaeserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
+from vaeserve.proto.v1 import vaeserve_pb2 as vae_pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as vae_grpc
 
 
 def _version_dir(
@@ -262,7 +262,7 @@ def test_versions_come_and_go_under_load_without_a_failed_request(
 ):
     repository = copy_repository(tmp_path_factory, tmp_path / "models")
     source = pristine_version(tmp_path_factory)
-    caplog.set_level(logging.INFO, logger="server.repository")
+    caplog.set_level(logging.INFO, logger="vaeserve.server.repository")
     server = ServerThread(settings(repository, reload_interval_s=0.1))
     load = Load(server.address)
     try:

@@ -13,8 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-
-from server.runner import (
+from vaeserve.server.runner import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     OnnxRunner,
@@ -74,7 +73,7 @@ def test_cuda_fails_at_start_when_not_available(offered):
 
 def test_auto_logs_what_it_chose(offered, caplog):
     offered(CPU_ONLY)
-    with caplog.at_level(logging.INFO, logger="server.runner"):
+    with caplog.at_level(logging.INFO, logger="vaeserve.server.runner"):
         select_providers("auto")
     assert f"device auto: using {CPU_PROVIDER}" in caplog.text
 
@@ -101,7 +100,7 @@ def test_auto_falls_back_to_cpu_when_cuda_is_offered_but_fails(offered, double_g
     if CUDA_PROVIDER in ort.get_available_providers():
         pytest.skip("this onnxruntime has a working CUDA provider")
     offered(WITH_CUDA)
-    with caplog.at_level(logging.WARNING, logger="server.runner"):
+    with caplog.at_level(logging.WARNING, logger="vaeserve.server.runner"):
         with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
             runner = OnnxRunner(double_graph, select_providers("auto"), allow_fallback=True)
     assert runner.provider == CPU_PROVIDER

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from server import sampling
+from vaeserve.server import sampling
 
 SEEDS = st.integers(0, sampling.MAX_SEED)
 

@@ -15,13 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ops_fixtures import CVAE, DECODER, settings, wait_until
 from serving_fixtures import ServerThread
 from tls_certs import make_certs
+from vaeserve.client.client import VaeClient
+from vaeserve.server.security import read_token, server_credentials
 
-from client.client import VaeClient
-from server.security import read_token, server_credentials
-from vaeserve_proto.inference import grpc_service_pb2 as oip_pb
-from vaeserve_proto.inference import grpc_service_pb2_grpc as oip_grpc
-from vaeserve_proto.v1 import vaeserve_pb2 as vae_pb
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as vae_grpc
+from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
+from vaeserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
+from vaeserve.proto.v1 import vaeserve_pb2 as vae_pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as vae_grpc
 
 TOKEN = "s3cr3t-token_for.tests"
 
@@ -49,7 +49,7 @@ def test_read_token_warns_about_a_shared_file_without_printing_it(tmp_path, capl
     path = tmp_path / "token"
     path.write_text(TOKEN)
     path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="server.security"):
+    with caplog.at_level(logging.WARNING, logger="vaeserve.server.security"):
         assert read_token(path) == TOKEN
     assert "readable by other users" in caplog.text
     assert TOKEN not in caplog.text
@@ -96,7 +96,7 @@ _UNPICKLERS = frozenset({"pickle", "cPickle", "dill", "cloudpickle", "joblib", "
 def test_the_server_reads_only_json_and_onnx():
     """Nothing in the server (or the manifest reader it uses) can unpickle a file."""
     root = Path(__file__).resolve().parents[1]
-    sources = [*sorted((root / "server").glob("*.py")), root / "export" / "manifest.py"]
+    sources = [*sorted((root / "server").glob("*.py")), root / "vaeserve" / "manifest.py"]
     offending = {path.name: uses for path in sources if (uses := _risky_uses(path))}
     assert not offending
 

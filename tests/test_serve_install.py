@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 from export_fixtures import save_tiny_checkpoint, tiny_config
 from test_deployment import deploy_health_checks
-
-from export import onnx_export
+from vaeserve.export import onnx_export
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +76,10 @@ def test_serve_extra_installs_no_torch(serve_venv: Path) -> None:
 
 
 def test_server_imports_without_torch(serve_venv: Path, tmp_path: Path) -> None:
-    code = "import sys, server.app, server.healthcheck; sys.exit('torch' in sys.modules)"
+    code = (
+        "import sys, vaeserve.server.app, vaeserve.server.healthcheck; "
+        "sys.exit('torch' in sys.modules)"
+    )
     # From an empty folder, so that the installed package is imported, not this checkout.
     proc = subprocess.run(
         [str(serve_venv / "python"), "-c", code],

@@ -6,8 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from server.settings import BatchingSettings, ServerSettings, build_parser
+from vaeserve.server.settings import BatchingSettings, ServerSettings, build_parser
 
 
 def test_defaults_hold_a_4096_by_784_float32_answer():

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from training import evaluate, train
-from training.checkpoint import load_checkpoint
-from training.config import TrainConfig
-from training.images import make_grid, save_grid
+from vaeserve.training import evaluate, train
+from vaeserve.training.checkpoint import load_checkpoint
+from vaeserve.training.config import TrainConfig
+from vaeserve.training.images import make_grid, save_grid
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -186,7 +185,7 @@ def test_cvae_on_unlabelled_data_is_an_error(tmp_path):
 
 def test_grid_writer_imports_no_torch():
     # Serving and client code may reuse training.images; a serving install has no torch.
-    code = "import sys, training.images; print('torch' in sys.modules)"
+    code = "import sys, vaeserve.training.images; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

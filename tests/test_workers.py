@@ -21,13 +21,13 @@ import grpc
 import pytest
 from client_fixtures import VAE, OutputLines, tiny_repository
 from serving_fixtures import _copy_version, channel
+from vaeserve.server.settings import BatchingSettings, ServerSettings
+from vaeserve.server.workers import decode_settings, encode_settings, worker_settings
 
-from server.settings import BatchingSettings, ServerSettings
-from server.workers import decode_settings, encode_settings, worker_settings
-from vaeserve_proto.v1 import vaeserve_pb2 as pb
-from vaeserve_proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
-_SERVE = "import sys; from server.app import main; sys.exit(main())"  # vae-serve
+_SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"  # vae-serve
 GRACE_S = 5.0
 EXIT_S = GRACE_S + 15.0  # the supervisor's own bound (grace + 10 s), plus slack for load
 T = 30.0  # per-call timeout: a hung server fails the test instead of hanging it

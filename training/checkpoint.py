@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from vaeserve.training.config import ModelConfig
+from vaeserve.training.model import VAE, build_model
 
-from training.atomic import write_atomically
-from training.config import ModelConfig
-from training.model import VAE, build_model
+from vaeserve.atomic import write_atomically
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",

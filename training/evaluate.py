@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from training.checkpoint import CHECKPOINT_NAME, load_model
-from training.data import DatasetSplits, Split, load_dataset
-from training.images import save_grid
-from training.losses import evaluate_bounds
-from training.model import VAE
+from vaeserve.training.checkpoint import CHECKPOINT_NAME, load_model
+from vaeserve.training.data import DatasetSplits, Split, load_dataset
+from vaeserve.training.images import save_grid
+from vaeserve.training.losses import evaluate_bounds
+from vaeserve.training.model import VAE
 
 __all__ = [
     "conditional_accuracy",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.atomic import write_atomically
+from vaeserve.atomic import write_atomically
 
 __all__ = ["make_grid", "save_grid"]
 

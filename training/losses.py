@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from training.model import VAE, reparameterize
+from vaeserve.training.model import VAE, reparameterize
 
 __all__ = [
     "ElboTerms",

@@ -11,8 +11,7 @@ import math
 
 import torch
 from torch import nn
-
-from training.config import ModelConfig
+from vaeserve.training.config import ModelConfig
 
 __all__ = ["VAE", "build_model", "reparameterize"]
 

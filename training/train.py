@@ -19,15 +19,13 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-
-from training.atomic import write_atomically
-from training.checkpoint import (
+from vaeserve.training.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from training.config import (
+from vaeserve.training.config import (
     ARCHS,
     BINARIZE_MODES,
     CONDITIONINGS,
@@ -37,10 +35,12 @@ from training.config import (
     LIKELIHOODS,
     TrainConfig,
 )
-from training.data import DatasetSplits, Split, load_dataset
-from training.evaluate import evaluate_model, finite_metrics, resolve_device, write_grids
-from training.losses import elbo_terms, iwae_bound, training_loss
-from training.model import VAE, build_model
+from vaeserve.training.data import DatasetSplits, Split, load_dataset
+from vaeserve.training.evaluate import evaluate_model, finite_metrics, resolve_device, write_grids
+from vaeserve.training.losses import elbo_terms, iwae_bound, training_loss
+from vaeserve.training.model import VAE, build_model
+
+from vaeserve.atomic import write_atomically
 
 __all__ = ["RESUMABLE", "main", "resume_config", "train"]
 

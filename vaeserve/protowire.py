@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from vaeserve.errors import MalformedMessage
+
 __all__ = [
     "MalformedMessage",
     "varint",
@@ -37,10 +39,6 @@ _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 _FIXED_SIZES = {_FIXED64: 8, _FIXED32: 4}
 Path = tuple[int, ...]
 Buffer = Any  # anything with the buffer protocol: bytes, memoryview, a C-contiguous array
-
-
-class MalformedMessage(ValueError):
-    """The bytes are not a well-formed protobuf message (truncated, or an unknown wire type)."""
 
 
 def field_path(message_class: type, *names: str) -> Path:

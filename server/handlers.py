@@ -1,17 +1,12 @@
-"""The server's exceptions and the one place that turns them into gRPC status codes.
+"""Service registration with our own request parsing: junk bytes become INVALID_ARGUMENT,
+and large bytes fields stay in gRPC's receive buffer instead of being copied by protobuf.
 
-Everything the server rejects on purpose raises a ``VaeServeError`` subclass whose message
-names the field and what was expected. ``map_errors`` wraps every servicer method (unary and
-server-streaming alike): it aborts with the class's status code and the message; any other
-exception is logged with its traceback and becomes INTERNAL with a generic message, so no
-stack text ever reaches a client. Servicer methods never call ``context.abort`` themselves.
+``add_service`` does what the generated ``add_*_to_server`` functions do, with the parser of
+``_tolerant_parser`` and a serializer that lets a servicer return bytes it built itself.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,77 +15,18 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-import protowire
+from vaeserve import protowire
+from vaeserve.errors import MalformedMessage
 
 __all__ = [
-    "VaeServeError",
-    "InvalidRequest",
-    "ModelNotFound",
-    "QueueFull",
-    "NotServing",
-    "DeadlineExceeded",
-    "INTERNAL_MESSAGE",
-    "status_of",
-    "map_errors",
+    "TENSOR_TYPE",
     "MalformedRequest",
     "DetachedRequest",
-    "TENSOR_TYPE",
     "detached_bytes",
     "add_service",
 ]
 
-logger = logging.getLogger(__name__)
-
 TENSOR_TYPE = "vaeserve.v1.Tensor"  # the typed API's wire tensor, by full name
-
-INTERNAL_MESSAGE = "internal error; the server logged the details"
-
-
-class VaeServeError(Exception):
-    """Base of everything the server raises on purpose; ``code`` is its gRPC status."""
-
-    code = grpc.StatusCode.INTERNAL
-
-
-class InvalidRequest(VaeServeError):
-    """A malformed request: wrong dtype, shape, byte length, label, count or option."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class ModelNotFound(VaeServeError):
-    """An unknown model name or version."""
-
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class QueueFull(VaeServeError):
-    """A batcher's queue is at capacity; the client may retry with backoff."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class NotServing(VaeServeError):
-    """The server is still loading models or is shutting down."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class DeadlineExceeded(VaeServeError):
-    """The request's deadline passed while it waited in a queue; it was not computed."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for ``exc``.
-
-    ``VaeServeError``s keep their message; anything else is a bug or an environment fault
-    whose text may hold paths or internals, so the client gets a generic message.
-    """
-    if isinstance(exc, VaeServeError):
-        return exc.code, str(exc)
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
 class MalformedRequest:
@@ -153,7 +89,7 @@ def _tolerant_parser(cls: Any) -> Callable[[bytes], Any]:
             return DetachedRequest(
                 cls.FromString(rest), {paths[path]: views for path, views in found.items()}
             )
-        except (DecodeError, protowire.MalformedMessage) as exc:
+        except (DecodeError, MalformedMessage) as exc:
             return MalformedRequest(type_name, exc)
 
     return parse
@@ -198,48 +134,3 @@ def _serializer(message_class: type) -> Callable[[Any], bytes]:
         return answer if type(answer) is bytes else serialize(answer)
 
     return serialized
-
-
-def _check_parsed(request: Any) -> None:
-    if isinstance(request, MalformedRequest):
-        raise InvalidRequest(request.message)
-
-
-def _log_unexpected(method: Callable[..., Any], exc: BaseException) -> None:
-    if not isinstance(exc, VaeServeError):
-        logger.error("unexpected error in %s", method.__qualname__, exc_info=exc)
-
-
-def map_errors(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate an async servicer method ``(self, request, context)`` with the status mapping.
-
-    Works for coroutine methods (unary answers) and async generators (server streams).
-    Cancellation is not an error: it propagates so that gRPC sees the call end.
-    """
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream_wrapper(self: Any, request: Any, context: Any) -> Any:
-            try:
-                _check_parsed(request)
-                async for answer in method(self, request, context):
-                    yield answer
-                return
-            except Exception as exc:  # noqa: BLE001 - the one place errors are mapped
-                _log_unexpected(method, exc)
-                code, message = status_of(exc)
-            await context.abort(code, message)
-
-        return stream_wrapper
-
-    @functools.wraps(method)
-    async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
-        try:
-            _check_parsed(request)
-            return await method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - the one place errors are mapped
-            _log_unexpected(method, exc)
-            code, message = status_of(exc)
-        await context.abort(code, message)
-
-    return unary_wrapper

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from training.atomic import write_atomically
+from vaeserve.atomic import write_atomically
+from vaeserve.errors import ManifestError
 
 __all__ = [
     "MANIFEST_FILE",
@@ -60,10 +61,6 @@ _VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
 # (non-root) user than the exporter, and mkstemp/mkdtemp create them private (0600/0700).
 FILE_MODE = 0o644
 DIR_MODE = 0o755
-
-
-class ManifestError(ValueError):
-    """A manifest that is malformed or disagrees with the files it describes."""
 
 
 def validate_model_name(name: str) -> str:

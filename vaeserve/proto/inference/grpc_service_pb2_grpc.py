@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from vaeserve_proto.inference import grpc_service_pb2 as vaeserve__proto_dot_inference_dot_grpc__service__pb2
+from vaeserve.proto.inference import grpc_service_pb2 as vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in vaeserve_proto/inference/grpc_service_pb2_grpc.py depends on'
+        + ' but the generated code in vaeserve/proto/inference/grpc_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
-                request_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelStatistics',
-                request_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
 
 
@@ -132,43 +132,43 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
-                    request_deserializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -196,8 +196,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +223,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -250,8 +250,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -277,8 +277,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -304,8 +304,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -331,8 +331,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -358,8 +358,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelConfig',
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -385,8 +385,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelStatistics',
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-            vaeserve__proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            vaeserve_dot_proto_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

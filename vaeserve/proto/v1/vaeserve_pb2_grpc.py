@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from vaeserve_proto.v1 import vaeserve_pb2 as vaeserve__proto_dot_v1_dot_vaeserve__pb2
+from vaeserve.proto.v1 import vaeserve_pb2 as vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in vaeserve_proto/v1/vaeserve_pb2_grpc.py depends on'
+        + ' but the generated code in vaeserve/proto/v1/vaeserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class VaeServiceStub:
         """
         self.ListModels = channel.unary_unary(
                 '/vaeserve.v1.VaeService/ListModels',
-                request_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.ListModelsResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/vaeserve.v1.VaeService/GetModelInfo',
-                request_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.GetModelInfoResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
         self.Sample = channel.unary_unary(
                 '/vaeserve.v1.VaeService/Sample',
-                request_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleResponse.FromString,
                 _registered_method=True)
         self.SampleStream = channel.unary_stream(
                 '/vaeserve.v1.VaeService/SampleStream',
-                request_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleStreamRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleStreamRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleResponse.FromString,
                 _registered_method=True)
         self.Encode = channel.unary_unary(
                 '/vaeserve.v1.VaeService/Encode',
-                request_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.EncodeRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.EncodeResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.EncodeResponse.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_unary(
                 '/vaeserve.v1.VaeService/Decode',
-                request_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.DecodeResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.DecodeResponse.FromString,
                 _registered_method=True)
         self.Reconstruct = channel.unary_unary(
                 '/vaeserve.v1.VaeService/Reconstruct',
-                request_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.ReconstructRequest.SerializeToString,
-                response_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.ReconstructResponse.FromString,
+                request_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructResponse.FromString,
                 _registered_method=True)
 
 
@@ -128,38 +128,38 @@ def add_VaeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.ListModelsRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.GetModelInfoResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.GetModelInfoResponse.SerializeToString,
             ),
             'Sample': grpc.unary_unary_rpc_method_handler(
                     servicer.Sample,
-                    request_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleResponse.SerializeToString,
             ),
             'SampleStream': grpc.unary_stream_rpc_method_handler(
                     servicer.SampleStream,
-                    request_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleStreamRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleStreamRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleResponse.SerializeToString,
             ),
             'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
-                    request_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.EncodeRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.EncodeResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.EncodeRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.EncodeResponse.SerializeToString,
             ),
             'Decode': grpc.unary_unary_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.DecodeRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.DecodeResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.DecodeRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.DecodeResponse.SerializeToString,
             ),
             'Reconstruct': grpc.unary_unary_rpc_method_handler(
                     servicer.Reconstruct,
-                    request_deserializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.ReconstructRequest.FromString,
-                    response_serializer=vaeserve__proto_dot_v1_dot_vaeserve__pb2.ReconstructResponse.SerializeToString,
+                    request_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,8 +187,8 @@ class VaeService:
             request,
             target,
             '/vaeserve.v1.VaeService/ListModels',
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.ListModelsRequest.SerializeToString,
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.ListModelsResponse.FromString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ListModelsRequest.SerializeToString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -214,8 +214,8 @@ class VaeService:
             request,
             target,
             '/vaeserve.v1.VaeService/GetModelInfo',
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.GetModelInfoRequest.SerializeToString,
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.GetModelInfoResponse.FromString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.GetModelInfoRequest.SerializeToString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -241,8 +241,8 @@ class VaeService:
             request,
             target,
             '/vaeserve.v1.VaeService/Sample',
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleRequest.SerializeToString,
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleResponse.FromString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleRequest.SerializeToString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -268,8 +268,8 @@ class VaeService:
             request,
             target,
             '/vaeserve.v1.VaeService/SampleStream',
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleStreamRequest.SerializeToString,
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.SampleResponse.FromString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleStreamRequest.SerializeToString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.SampleResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -295,8 +295,8 @@ class VaeService:
             request,
             target,
             '/vaeserve.v1.VaeService/Encode',
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.EncodeRequest.SerializeToString,
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.EncodeResponse.FromString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.EncodeRequest.SerializeToString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -322,8 +322,8 @@ class VaeService:
             request,
             target,
             '/vaeserve.v1.VaeService/Decode',
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.DecodeRequest.SerializeToString,
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.DecodeResponse.FromString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.DecodeRequest.SerializeToString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.DecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -349,8 +349,8 @@ class VaeService:
             request,
             target,
             '/vaeserve.v1.VaeService/Reconstruct',
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.ReconstructRequest.SerializeToString,
-            vaeserve__proto_dot_v1_dot_vaeserve__pb2.ReconstructResponse.FromString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructRequest.SerializeToString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructResponse.FromString,
             options,
             channel_credentials,
             insecure,

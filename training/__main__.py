@@ -1,0 +1,7 @@
+"""`python -m vaeserve.training`: the same as `vae-train`."""
+
+import sys
+
+from vaeserve.training.train import main
+
+sys.exit(main())
