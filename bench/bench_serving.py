@@ -39,7 +39,7 @@ import grpc
 import numpy as np
 from vaeserve.client.client import AnswerStub
 from vaeserve.server.app import keep_freed_memory
-from vaeserve.server.runner import CPU_PROVIDER, OnnxRunner
+from vaeserve.engine.runner import CPU_PROVIDER, OnnxRunner
 from vaeserve.server.settings import usable_cores
 
 from vaeserve.proto.v1 import vaeserve_pb2 as pb

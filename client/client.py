@@ -17,10 +17,11 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import message_factory
+
 from vaeserve.client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult
 from vaeserve.client.retry import Retrier, RetryPolicy, call_with_retry
 from vaeserve.client.tensors import ENCODINGS, OUTPUTS, Outgoing, answer_parser, request_serializer
-
+from vaeserve.errors import ServerError
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
@@ -43,9 +44,12 @@ class VaeClient:
     """A client of one or more vaeserve servers (client-side round robin, one channel each).
 
     Calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are retried, on the next address,
-    with backoff and jitter until ``retry`` runs out; every other error is raised at once as
-    ``grpc.RpcError``. A ``sample_stream`` that breaks off resumes where it stopped: by the
-    sampling contract the continuation holds the same samples the broken stream would have.
+    with backoff and jitter until ``retry`` runs out; every other error is raised at once. Errors
+    are the ``vaeserve.errors`` class of the call's status (``ModelNotFound`` for NOT_FOUND,
+    ``InvalidRequest`` for INVALID_ARGUMENT, ...; all ``VaeServeError``), with the gRPC status
+    code in ``code`` and the server's message as their text. A ``sample_stream`` that breaks
+    off resumes where it stopped: by the sampling contract the continuation holds the same
+    samples the broken stream would have.
 
     Args:
         addresses: "host:port", a comma-separated list of them, or a sequence.
@@ -123,7 +127,7 @@ class VaeClient:
         """The manifest of ``model`` (version 0: the highest loaded) and the server's limits.
 
         Raises:
-            grpc.RpcError: NOT_FOUND for an unknown model or version.
+            ModelNotFound: an unknown model or version.
         """
         request = pb.GetModelInfoRequest(model=pb.ModelRef(name=model, version=version))
         return ModelInfo.from_proto(self._unary("GetModelInfo", request, timeout_s))
@@ -162,7 +166,7 @@ class VaeClient:
 
         Raises:
             ValueError: an unknown ``output`` or ``encoding``.
-            grpc.RpcError: INVALID_ARGUMENT, NOT_FOUND, ... or a retryable code once the
+            VaeServeError: InvalidRequest, ModelNotFound, ... or a retryable status once the
                 retry policy is spent.
         """
         request = _sample_request(
@@ -204,7 +208,7 @@ class VaeClient:
         are always the samples asked for. ``timeout_s`` bounds each attempt of the stream.
 
         Raises:
-            grpc.RpcError: as ``sample``.
+            VaeServeError: as ``sample``.
         """
         request = _sample_request(
             model,
@@ -243,7 +247,7 @@ class VaeClient:
             finally:
                 call.cancel()
             if received < num_samples:
-                raise RuntimeError(f"SampleStream ended after {received} of {num_samples} samples")
+                raise ServerError(f"SampleStream ended after {received} of {num_samples} samples")
 
     def encode(
         self,

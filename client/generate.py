@@ -18,11 +18,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import grpc
 from vaeserve.client.job import KillSwitch, run_job, verify_finished, write_preview
 from vaeserve.client.results import ModelInfo
 from vaeserve.client.shards import FORMATS, JOB_FILE, JobError, JobManifest, JobSpec, read_job
 from vaeserve.client.sources import SampleSource
+from vaeserve.errors import VaeServeError
 
 __all__ = ["main"]
 
@@ -261,9 +261,9 @@ def _generate(args: argparse.Namespace, kill: KillSwitch) -> int:
     try:
         try:
             job, info, new = _plan(args, source, name, version)
-        except grpc.RpcError as exc:
+        except VaeServeError as exc:
             where = f"--server {args.server}" if args.server else f"--local {args.local}"
-            raise JobFailed(f"{where}: {exc.code().name}: {exc.details()}") from None
+            raise JobFailed(f"{where}: {exc.status}: {exc}") from None
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -324,7 +324,7 @@ def _execute(
     if args.preview is not None:
         try:
             write_preview(source, spec, args.preview)
-        except (grpc.RpcError, OSError) as exc:
+        except (VaeServeError, OSError) as exc:
             raise JobFailed(f"the job is complete, but --preview failed: {exc!r}") from None
 
 
@@ -358,10 +358,8 @@ def _run(
             on_progress=bar.update,
             kill=kill,
         )
-    except (grpc.RpcError, OSError, RuntimeError, KeyboardInterrupt) as exc:
-        reason = (
-            f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else repr(exc)
-        )
+    except (VaeServeError, OSError, RuntimeError, KeyboardInterrupt) as exc:
+        reason = f"{exc.status}: {exc}" if isinstance(exc, VaeServeError) else repr(exc)
         raise JobFailed(
             f"job incomplete: {job.samples_done} of {spec.num_samples} samples "
             f"({len(job.shards)} of {spec.num_shards} shards) are written to {args.out}; "

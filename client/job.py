@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
 from vaeserve.client.shards import (
     JobManifest,
     JobSpec,

@@ -2,66 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from vaeserve.client.tensors import Answer, dtype_name
 
-from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.client.tensors import Answer
+from vaeserve.info import ModelInfo
 
 __all__ = ["ModelInfo", "SampleResult", "EncodeResult", "DecodeResult"]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the server says about one model version (its manifest) and about itself."""
-
-    name: str
-    version: int
-    kind: str  # "vae" | "cvae"
-    conditioning: str | None  # "concat" | "prior" | None
-    latent_dim: int
-    num_classes: int  # 0 for a vae
-    class_names: tuple[str, ...]
-    sample_shape: tuple[int, ...]
-    sample_dtype: str
-    value_range: tuple[float, float]
-    likelihood: str
-    available_versions: tuple[int, ...]
-    manifest: dict[str, Any]  # manifest.json of this version, parsed
-    provider: str
-    max_batch_size: int
-    max_samples_per_request: int
-    max_stream_chunk_size: int
-    default_stream_chunk_size: int
-    max_stream_samples: int
-
-    @classmethod
-    def from_proto(cls, resp: pb.GetModelInfoResponse) -> ModelInfo:
-        m, limits = resp.model, resp.limits
-        return cls(
-            name=m.name,
-            version=m.version,
-            kind=m.kind,
-            conditioning=m.conditioning or None,
-            latent_dim=m.latent_dim,
-            num_classes=m.num_classes,
-            class_names=tuple(m.class_names),
-            sample_shape=tuple(m.sample_shape),
-            sample_dtype=dtype_name(m.sample_dtype),
-            value_range=(m.value_low, m.value_high),
-            likelihood=m.likelihood,
-            available_versions=tuple(m.available_versions),
-            manifest=json.loads(m.manifest_json) if m.manifest_json else {},
-            provider=resp.provider,
-            max_batch_size=limits.max_batch_size,
-            max_samples_per_request=limits.max_samples_per_request,
-            max_stream_chunk_size=limits.max_stream_chunk_size,
-            default_stream_chunk_size=limits.default_stream_chunk_size,
-            max_stream_samples=limits.max_stream_samples,
-        )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Retries with exponential backoff and full jitter, for UNAVAILABLE and RESOURCE_EXHAUSTED only.
 
 Every other status fails fast: INVALID_ARGUMENT or NOT_FOUND will not change by waiting, and
-DEADLINE_EXCEEDED means the caller's own budget is spent.
+DEADLINE_EXCEEDED means the caller's own budget is spent. A call that fails for good raises
+the ``vaeserve.errors`` class of its status (``typed_error``), carrying the gRPC status code
+and the server's message.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from typing import TypeVar
 
 import grpc
 
-__all__ = ["RETRYABLE_CODES", "RetryPolicy", "Retrier", "call_with_retry", "is_retryable"]
+from vaeserve.errors import VaeServeError, error_for_status
+
+__all__ = [
+    "RETRYABLE_CODES",
+    "RetryPolicy",
+    "Retrier",
+    "call_with_retry",
+    "is_retryable",
+    "typed_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,15 @@ class RetryPolicy:
         return (rng or random).uniform(0.0, cap)
 
 
+def typed_error(exc: grpc.RpcError) -> VaeServeError:
+    """The ``vaeserve.errors`` class of a failed call's status, with ``code`` (the
+    ``grpc.StatusCode``) and the server's message."""
+    code = exc.code()
+    error = error_for_status(code.name, exc.details() or code.name)
+    error.code = code
+    return error
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True for a gRPC error whose status is worth retrying."""
     return isinstance(exc, grpc.RpcError) and exc.code() in RETRYABLE_CODES
@@ -83,17 +103,18 @@ class Retrier:
         return left if timeout_s is None else min(timeout_s, left)
 
     def wait_or_raise(self, exc: grpc.RpcError) -> None:
-        """Sleep before the next attempt, or re-raise ``exc`` when it is final.
+        """Sleep before the next attempt, or raise ``exc``'s typed error when it is final.
 
         Raises:
-            grpc.RpcError: ``exc``, when not retryable or the policy is spent.
+            VaeServeError: the class of ``exc``'s status, when it is not retryable or the
+                policy is spent.
         """
         attempts = self.policy.max_attempts
         if not is_retryable(exc) or (attempts is not None and self._retry + 1 >= attempts):
-            raise exc
+            raise typed_error(exc) from exc
         wait = self.policy.backoff_s(self._retry)
         if time.monotonic() + wait >= self._give_up_at:
-            raise exc
+            raise typed_error(exc) from exc
         log.warning(
             "%s failed with %s (%s); retry %d in %.2fs",
             self.what,
@@ -124,7 +145,7 @@ def call_with_retry(
         What the first successful attempt returned.
 
     Raises:
-        grpc.RpcError: the last error, when it is not retryable or the policy is spent.
+        VaeServeError: the last error's class, when it is not retryable or the policy is spent.
     """
     retrier = Retrier(policy, what)
     while True:

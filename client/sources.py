@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-import grpc
 import numpy as np
+
 from vaeserve.client.client import VaeClient
 from vaeserve.client.results import ModelInfo
 from vaeserve.client.shards import JobSpec
+from vaeserve.errors import ServerError
 
 __all__ = ["SampleSource", "ServedSource", "shard_arrays"]
 
@@ -28,7 +29,7 @@ class SampleSource(Protocol):
         """What the manifest of ``model`` (version 0: the highest) says.
 
         Raises:
-            LookupError: no such model or version.
+            ModelNotFound: no such model or version.
         """
         ...
 
@@ -46,12 +47,7 @@ class ServedSource:
         self.client = client
 
     def model_info(self, model: str, version: int) -> ModelInfo:
-        try:
-            return self.client.model_info(model, version)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise LookupError(exc.details()) from None
-            raise
+        return self.client.model_info(model, version)
 
     def fetch(self, spec: JobSpec, start: int, stop: int) -> dict[str, np.ndarray]:
         labels = spec.labels_for(start, stop)
@@ -72,7 +68,7 @@ class ServedSource:
             )
         )
         if any(c.model_version != spec.model_version for c in chunks):
-            raise RuntimeError(
+            raise ServerError(
                 f"the server answered with another version of {spec.model!r} than the pinned "
                 f"{spec.model_version}"
             )

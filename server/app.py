@@ -31,6 +31,10 @@ from collections.abc import Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from vaeserve.engine.runner import ProviderUnavailable, runner_factory
+from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.server.handlers import add_service
 from vaeserve.server.logs import configure_logging
 from vaeserve.server.metrics import MetricsEndpoint, ServerMetrics
@@ -38,14 +42,10 @@ from vaeserve.server.observer import UNKNOWN_MODEL, RequestObserver
 from vaeserve.server.oip_servicer import GRAPHS, OipServicer
 from vaeserve.server.reload import Reloader, ReloadPlan
 from vaeserve.server.repository import ModelRegistry, RepositoryError
-from vaeserve.server.runner import ProviderUnavailable, runner_factory
 from vaeserve.server.security import BearerTokenInterceptor, read_token, server_credentials
 from vaeserve.server.servicer import VaeServicer
 from vaeserve.server.settings import ServerSettings
 from vaeserve.server.workers import supervise
-
-from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
-from vaeserve.proto.v1 import vaeserve_pb2 as pb
 
 __all__ = ["ServiceAdder", "SERVICES", "VaeServer", "create_server", "serve", "run", "main"]
 

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from vaeserve.server.settings import BatchingSettings
 
 from vaeserve.errors import DeadlineExceeded, NotServing, QueueFull
+from vaeserve.server.settings import BatchingSettings
 
 __all__ = [
     "Runner",

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from vaeserve.server.metrics import ServerMetrics
 
 __all__ = ["RequestObserver", "UNKNOWN_MODEL", "model_name_of"]

@@ -14,37 +14,32 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from vaeserve.server.handlers import detached_bytes
 
 from vaeserve import protowire
+from vaeserve.engine.checks import (
+    check_answer_size,
+    check_finite,
+    check_labels,
+    check_value_range,
+)
 from vaeserve.errors import InvalidRequest
 from vaeserve.manifest import ModelManifest, TensorSpec
 from vaeserve.proto.inference import grpc_service_pb2 as pb
-from vaeserve.proto.inference import model_config_pb2 as config_pb
 from vaeserve.protowire import field_path
+from vaeserve.server.handlers import detached_bytes
+from vaeserve.tensors import KSERVE_DATATYPES, WIRE_NUMPY
 
 __all__ = [
-    "KSERVE_DATATYPES",
-    "CONFIG_DATATYPES",
     "decode_inputs",
     "check_values",
     "requested_outputs",
-    "check_answer_size",
+    "check_answer_fits",
     "encode_outputs",
 ]
 
-# numpy dtype name (the manifest's) -> KServe v2 datatype string and Triton config enum.
-KSERVE_DATATYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64"}
-CONFIG_DATATYPES = {
-    "float32": config_pb.TYPE_FP32,
-    "float16": config_pb.TYPE_FP16,
-    "int64": config_pb.TYPE_INT64,
-}
 # Typed contents field per datatype; FP16 has none in the protocol, it travels raw only.
 _TYPED_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents"}
 # Explicitly little-endian: the wire format, whatever the host's byte order.
-_WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8")}
-_MESSAGE_HEADROOM = 64 * 1024  # protobuf framing, names and shapes of an answer
 _RAW_OUTPUT = field_path(pb.ModelInferResponse, "raw_output_contents")
 
 
@@ -119,7 +114,7 @@ def _checked_shape(
 def _from_raw(
     name: str, data: protowire.Buffer, spec: TensorSpec, shape: tuple[int, ...]
 ) -> np.ndarray:
-    dtype = _WIRE_DTYPES[spec.dtype]
+    dtype = WIRE_NUMPY[spec.dtype]
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise InvalidRequest(
@@ -154,7 +149,7 @@ def _from_typed(
             f"input '{tensor.name}' has {len(values)} values in contents.{field}, expected "
             f"{expected} for shape {list(shape)}"
         )
-    return np.asarray(values, dtype=_WIRE_DTYPES[spec.dtype].newbyteorder("=")).reshape(shape)
+    return np.asarray(values, dtype=WIRE_NUMPY[spec.dtype].newbyteorder("=")).reshape(shape)
 
 
 def check_values(manifest: ModelManifest, arrays: Mapping[str, np.ndarray]) -> None:
@@ -165,23 +160,11 @@ def check_values(manifest: ModelManifest, arrays: Mapping[str, np.ndarray]) -> N
             a class label y outside 0..num_classes-1.
     """
     for name, array in arrays.items():
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InvalidRequest(f"input '{name}' holds NaN or Inf, expected finite values")
+        check_finite(f"input '{name}'", array)
     if "x" in arrays:
-        low, high = manifest.value_range
-        lowest, highest = arrays["x"].min(), arrays["x"].max()
-        if not (low <= lowest and highest <= high):
-            raise InvalidRequest(
-                f"input 'x' holds values in [{lowest}, {highest}], expected the model's "
-                f"value_range [{low}, {high}]"
-            )
-    if "y" in arrays and manifest.num_classes is not None:
-        y = arrays["y"]
-        bad = y[(y < 0) | (y >= manifest.num_classes)]
-        if bad.size:
-            raise InvalidRequest(
-                f"input 'y' holds class {int(bad[0])}, expected 0..{manifest.num_classes - 1}"
-            )
+        check_value_range("input 'x'", arrays["x"], manifest)
+    if "y" in arrays:
+        check_labels("input 'y'", arrays["y"], manifest)
 
 
 def requested_outputs(request: pb.ModelInferRequest, specs: Mapping[str, TensorSpec]) -> list[str]:
@@ -203,7 +186,7 @@ def requested_outputs(request: pb.ModelInferRequest, specs: Mapping[str, TensorS
     return names
 
 
-def check_answer_size(
+def check_answer_fits(
     rows: int, names: Sequence[str], specs: Mapping[str, TensorSpec], max_message_bytes: int
 ) -> None:
     """Refuse, before computing, an answer that would not fit in one gRPC message.
@@ -212,14 +195,9 @@ def check_answer_size(
         InvalidRequest: naming the largest row count that fits.
     """
     per_row = sum(
-        math.prod(specs[n].shape[1:]) * _WIRE_DTYPES[specs[n].dtype].itemsize for n in names
+        math.prod(specs[n].shape[1:]) * WIRE_NUMPY[specs[n].dtype].itemsize for n in names
     )
-    limit = max_message_bytes - _MESSAGE_HEADROOM
-    if rows * per_row > limit:
-        raise InvalidRequest(
-            f"the answer would hold {rows * per_row} bytes, over the server's max_message_bytes "
-            f"({max_message_bytes}); send at most {limit // per_row} rows per request"
-        )
+    check_answer_size("the request's rows", rows, per_row, max_message_bytes, " per request")
 
 
 def encode_outputs(
@@ -235,7 +213,7 @@ def encode_outputs(
     """
     contents = []
     for name in names:
-        dtype = _WIRE_DTYPES[specs[name].dtype]
+        dtype = WIRE_NUMPY[specs[name].dtype]
         array = np.ascontiguousarray(arrays[name], dtype=dtype)
         out = response.outputs.add()
         out.name = name

@@ -14,18 +14,19 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
-from vaeserve.server import oip_convert as convert
-from vaeserve.server.batcher import DynamicBatcher
-from vaeserve.server.metrics import GraphKey, ServerMetrics
-from vaeserve.server.repository import LoadedModel, ModelRegistry
-from vaeserve.server.settings import ServerSettings
-from vaeserve.server.status import map_errors
 
 from vaeserve.errors import InvalidRequest, ModelNotFound, NotServing
 from vaeserve.manifest import GraphSpec
 from vaeserve.proto.inference import grpc_service_pb2 as pb
 from vaeserve.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from vaeserve.proto.inference import model_config_pb2 as config_pb
+from vaeserve.server import oip_convert as convert
+from vaeserve.server.batcher import DynamicBatcher
+from vaeserve.server.metrics import GraphKey, ServerMetrics
+from vaeserve.server.repository import LoadedModel, ModelRegistry
+from vaeserve.server.settings import ServerSettings
+from vaeserve.server.status import map_errors
+from vaeserve.tensors import CONFIG_DATATYPES, KSERVE_DATATYPES
 
 __all__ = ["SERVICE_NAME", "GRAPHS", "EXTENSIONS", "PLATFORM", "OipServicer", "split_name"]
 
@@ -87,7 +88,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 def _tensors(specs: dict) -> list[_TensorMetadata]:
     return [
-        _TensorMetadata(name=n, datatype=convert.KSERVE_DATATYPES[s.dtype], shape=s.shape)
+        _TensorMetadata(name=n, datatype=KSERVE_DATATYPES[s.dtype], shape=s.shape)
         for n, s in specs.items()
     ]
 
@@ -171,7 +172,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         convert.check_values(graph.model.manifest, arrays)
         names = convert.requested_outputs(request, spec.outputs)
         rows = len(next(iter(arrays.values())))
-        convert.check_answer_size(rows, names, spec.outputs, self._settings.max_message_bytes)
+        convert.check_answer_fits(rows, names, spec.outputs, self._settings.max_message_bytes)
         # use(): shutdown and unloading wait for this call to finish on this version.
         with self._registry.use(graph.key.model, graph.key.version):
             outputs = await graph.batcher.run(arrays, _deadline(context))
@@ -227,15 +228,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             backend="onnxruntime",
             max_batch_size=limit,
             input=[
-                config_pb.ModelInput(
-                    name=n, data_type=convert.CONFIG_DATATYPES[s.dtype], dims=s.shape[1:]
-                )
+                config_pb.ModelInput(name=n, data_type=CONFIG_DATATYPES[s.dtype], dims=s.shape[1:])
                 for n, s in graph.spec.inputs.items()
             ],
             output=[
-                config_pb.ModelOutput(
-                    name=n, data_type=convert.CONFIG_DATATYPES[s.dtype], dims=s.shape[1:]
-                )
+                config_pb.ModelOutput(name=n, data_type=CONFIG_DATATYPES[s.dtype], dims=s.shape[1:])
                 for n, s in graph.spec.outputs.items()
             ],
             dynamic_batching=config_pb.ModelDynamicBatching(

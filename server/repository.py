@@ -18,34 +18,30 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from vaeserve.engine.runner import CPU_PROVIDER, OnnxRunner
+from vaeserve.engine.version import GraphOpener, OpenVersion, open_version, prior_means
+from vaeserve.errors import ModelNotFound, NotServing, ProviderUnavailable, RepositoryError
+from vaeserve.manifest import (
+    ModelManifest,
+    list_versions,
+)
 from vaeserve.server.batcher import DynamicBatcher
 from vaeserve.server.metrics import GraphKey, ServerMetrics
 from vaeserve.server.reload import Fingerprint, VersionKey, VersionOnDisk, fingerprint
-from vaeserve.server.runner import CPU_PROVIDER, OnnxRunner, ProviderUnavailable
 from vaeserve.server.settings import ServerSettings, usable_cores
-
-from vaeserve.errors import ModelNotFound, NotServing, RepositoryError
-from vaeserve.manifest import (
-    ModelManifest,
-    check_graph_io,
-    list_versions,
-    load_version_manifest,
-)
 
 __all__ = ["RepositoryError", "VersionStatus", "LoadedModel", "ModelRegistry"]
 
 logger = logging.getLogger(__name__)
 
-# Rows of the warm-up runs: the first run allocates, the larger one sizes the arenas.
-_WARMUP_ROWS = (1, 64)
 _GRAPHS = ("encoder", "decoder")
 
 
@@ -72,25 +68,13 @@ class LoadedModel:
     manifest_json: str  # the file's text, verbatim, for GetModelInfo
 
 
-@dataclass(frozen=True)
-class _Sessions:
-    manifest: ModelManifest
-    manifest_json: str
-    path: Path
-    encoder: OnnxRunner
-    decoder: OnnxRunner
-
-
-RunnerFactory = Callable[[Path], OnnxRunner]
-
-
 class ModelRegistry:
     """Every served version, by name and number; ``get`` is what servicers call."""
 
     def __init__(
         self,
         settings: ServerSettings,
-        runner_factory: RunnerFactory,
+        runner_factory: GraphOpener,
         metrics: ServerMetrics | None = None,
     ):
         """Args:
@@ -160,7 +144,8 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         pool = ThreadPoolExecutor(1, thread_name_prefix="vaeserve-loader")
         try:
-            sessions = await loop.run_in_executor(pool, self._open_version, folder)
+            rows = self._settings.batching.max_batch_size
+            sessions = await loop.run_in_executor(pool, open_version, folder, self._open, rows)
         except Exception as exc:  # noqa: BLE001 - one bad version must not stop the rest
             logger.error(
                 "skipping %s: %s", folder, exc, exc_info=not _expected(exc),
@@ -222,22 +207,7 @@ class ModelRegistry:
         """Versions that failed to load, with a fingerprint of their files at the time."""
         return dict(self._failed)
 
-    def _open_version(self, folder: Path) -> _Sessions:
-        manifest = load_version_manifest(folder)
-        runners = {}
-        for role, spec in (("encoder", manifest.encoder), ("decoder", manifest.decoder)):
-            runner = self._open(folder / spec.file)
-            check_graph_io(spec, *runner.signature(), source=str(folder / spec.file))
-            for rows in _WARMUP_ROWS:
-                inputs = _zeros(spec.inputs, min(rows, self._settings.batching.max_batch_size))
-                runner.run(inputs)
-                runner.run_small(inputs)
-            runners[role] = runner
-        # What write_manifest wrote, without reading the file a second time.
-        text = json.dumps(manifest.to_dict(), indent=2) + "\n"
-        return _Sessions(manifest, text, folder, runners["encoder"], runners["decoder"])
-
-    async def _add(self, s: _Sessions) -> None:
+    async def _add(self, s: OpenVersion) -> None:
         m = s.manifest
         model = LoadedModel(
             manifest=m,
@@ -245,9 +215,7 @@ class ModelRegistry:
             provider=s.decoder.provider,
             encoder=self._batcher(s.encoder, m, "encoder"),
             decoder=self._batcher(s.decoder, m, "decoder"),
-            prior_means=None
-            if m.prior_means is None
-            else np.asarray(m.prior_means, dtype=np.float32),
+            prior_means=prior_means(m),
             manifest_json=s.manifest_json,
         )
         # No suspension point from here to the registration (start() never suspends): a
@@ -361,10 +329,3 @@ class ModelRegistry:
 def _expected(exc: Exception) -> bool:
     # Bad files are the user's to fix and their message says how; anything else gets a trace.
     return isinstance(exc, (ValueError, OSError, ProviderUnavailable))
-
-
-def _zeros(inputs: dict, rows: int) -> dict[str, np.ndarray]:
-    """A warm-up batch: zeros of every declared input (class 0 for labels)."""
-    return {
-        name: np.zeros((rows, *spec.shape[1:]), dtype=spec.dtype) for name, spec in inputs.items()
-    }

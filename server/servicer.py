@@ -13,12 +13,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
-from vaeserve.server import pipeline
+
+from vaeserve import protowire
+from vaeserve.engine import pipeline
+from vaeserve.info import model_info, to_proto
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 from vaeserve.server.handlers import TENSOR_TYPE
 from vaeserve.server.repository import LoadedModel, ModelRegistry
 from vaeserve.server.settings import ServerSettings
 from vaeserve.server.status import map_errors
-from vaeserve.server.tensors import WIRE_DTYPES, describe, wire_samples
 from vaeserve.server.validation import (
     check_model_ref,
     validate_chunk_size,
@@ -27,10 +31,7 @@ from vaeserve.server.validation import (
     validate_reconstruct,
     validate_sample,
 )
-
-from vaeserve import protowire
-from vaeserve.proto.v1 import vaeserve_pb2 as pb
-from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.tensors import describe, wire_samples
 
 __all__ = ["SERVICE_NAME", "VaeServicer"]
 
@@ -78,11 +79,10 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
     @map_errors
     async def GetModelInfo(self, request, context):
         model = self._registry.get(*check_model_ref(request.model))
-        return pb.GetModelInfoResponse(
-            model=_model_info(model, self._registry.versions(model.manifest.name)),
-            provider=model.provider,
-            limits=self._limits(),
-        )
+        m, text = model.manifest, model.manifest_json
+        versions = self._registry.versions(m.name)
+        info = model_info(m, text, model.provider, versions, self._settings.limits())
+        return to_proto(info, m, text)
 
     @map_errors
     async def Sample(self, request, context):
@@ -134,17 +134,6 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             )
             x = wire_samples(x, request.encoding, model.manifest.value_range)
             return _serialize(answer, {"x": x})
-
-    def _limits(self) -> pb.ServerLimits:
-        s = self._settings
-        return pb.ServerLimits(
-            max_batch_size=s.batching.max_batch_size,
-            max_samples_per_request=s.max_samples_per_request,
-            max_message_bytes=s.max_message_bytes,
-            max_stream_chunk_size=s.max_stream_chunk_size,
-            default_stream_chunk_size=s.default_stream_chunk_size,
-            max_stream_samples=s.max_stream_samples,
-        )
 
 
 def _sample_response(
@@ -206,34 +195,3 @@ def _discard(task: asyncio.Task) -> None:
         task.cancel()
     else:
         task.cancelled() or task.exception()
-
-
-def _tensor_infos(specs: dict) -> list[pb.TensorInfo]:
-    return [
-        pb.TensorInfo(name=name, dtype=WIRE_DTYPES[spec.dtype], shape=spec.shape)
-        for name, spec in specs.items()
-    ]
-
-
-def _model_info(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
-    m = model.manifest
-    return pb.ModelInfo(
-        name=m.name,
-        version=m.version,
-        kind=m.kind,
-        conditioning=m.conditioning or "",
-        latent_dim=m.latent_dim,
-        num_classes=m.num_classes or 0,
-        class_names=m.class_names,
-        sample_shape=m.sample_shape,
-        sample_dtype=WIRE_DTYPES[m.sample_dtype],
-        value_low=m.value_range[0],
-        value_high=m.value_range[1],
-        likelihood=m.likelihood,
-        encoder_inputs=_tensor_infos(m.encoder.inputs),
-        encoder_outputs=_tensor_infos(m.encoder.outputs),
-        decoder_inputs=_tensor_infos(m.decoder.inputs),
-        decoder_outputs=_tensor_infos(m.decoder.outputs),
-        available_versions=versions,
-        manifest_json=model.manifest_json,
-    )

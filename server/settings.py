@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vaeserve.info import Limits
+
 __all__ = [
     "DEVICES",
     "ENV_PREFIX",
@@ -124,6 +126,17 @@ class ServerSettings:
             self.reload_interval_s >= 0, "reload_interval_s", "seconds >= 0", self.reload_interval_s
         )
         _check(self.workers >= 1, "workers", "an integer >= 1", self.workers)
+
+    def limits(self) -> Limits:
+        """The bounds a request must keep, as ``GetModelInfo`` reports them."""
+        return Limits(
+            max_batch_size=self.batching.max_batch_size,
+            max_samples_per_request=self.max_samples_per_request,
+            max_message_bytes=self.max_message_bytes,
+            max_stream_chunk_size=self.max_stream_chunk_size,
+            default_stream_chunk_size=self.default_stream_chunk_size,
+            max_stream_samples=self.max_stream_samples,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from vaeserve.server.handlers import MalformedRequest
 
 from vaeserve.errors import InvalidRequest, VaeServeError
+from vaeserve.server.handlers import MalformedRequest
 
 __all__ = ["INTERNAL_MESSAGE", "status_of", "map_errors"]
 
@@ -34,7 +34,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     ``VaeServeError``s keep their message; anything else is a bug or an environment fault
     whose text may hold paths or internals, so the client gets a generic message.
     """
-    if isinstance(exc, VaeServeError):
+    if isinstance(exc, VaeServeError) and exc.status != "INTERNAL":
         return grpc.StatusCode[exc.status], str(exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 

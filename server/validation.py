@@ -11,15 +11,22 @@ import math
 from typing import Any
 
 import numpy as np
-from vaeserve.server import sampling
-from vaeserve.server.handlers import detached_bytes
-from vaeserve.server.pipeline import DecodeJob, EncodeJob, ReconstructJob, SampleJob
-from vaeserve.server.settings import ServerSettings
-from vaeserve.server.tensors import dtype_name, to_array
 
+from vaeserve.engine import sampling
+from vaeserve.engine.checks import (
+    check_answer_size,
+    check_finite,
+    check_in_range,
+    check_labels,
+    check_value_range,
+)
+from vaeserve.engine.pipeline import DecodeJob, EncodeJob, ReconstructJob, SampleJob
 from vaeserve.errors import InvalidRequest
 from vaeserve.manifest import ModelManifest
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.server.handlers import detached_bytes
+from vaeserve.server.settings import ServerSettings
+from vaeserve.tensors import dtype_name, to_array
 
 __all__ = [
     "MAX_TEMPERATURE",
@@ -38,7 +45,6 @@ _SAMPLE_ITEMSIZE = {
 }
 _OUTPUT_KINDS = (pb.OUTPUT_KIND_MEAN, pb.OUTPUT_KIND_DRAW)
 _FLOAT_WIRE = (pb.FLOAT32, pb.FLOAT16)
-_MESSAGE_HEADROOM = 64 * 1024  # protobuf framing, names and small fields of an answer
 # Far past any useful scale of the prior; far below where latents (|eps| < 7.6) or a
 # decoder's first layer could overflow float32.
 MAX_TEMPERATURE = 1e6
@@ -60,8 +66,8 @@ def validate_sample(
     field = "request." if stream else ""
     n = request.num_samples
     limit = settings.max_stream_samples if stream else settings.max_samples_per_request
-    _in_range(f"{field}num_samples", n, 1, limit)
-    _in_range(f"{field}start_index", request.start_index, 0, sampling.MAX_ROW_INDEX - n)
+    check_in_range(f"{field}num_samples", n, 1, limit)
+    check_in_range(f"{field}start_index", request.start_index, 0, sampling.MAX_ROW_INDEX - n)
     temperature = request.temperature if request.HasField("temperature") else 1.0
     if not 0 <= temperature <= MAX_TEMPERATURE:  # NaN fails too
         raise InvalidRequest(
@@ -86,7 +92,7 @@ def validate_chunk_size(
 ) -> int:
     """Samples per streamed answer: the request's, or the server's default for 0."""
     size = request.chunk_size or settings.default_stream_chunk_size
-    _in_range("chunk_size", size, 1, settings.max_stream_chunk_size)
+    check_in_range("chunk_size", size, 1, settings.max_stream_chunk_size)
     _fits_message("chunk_size", size, _sample_bytes(request.request, m), settings)
     return size
 
@@ -96,7 +102,7 @@ def validate_encode(
 ) -> EncodeJob:
     x = _samples_tensor(request, "x", m, settings)
     n = len(x)
-    _in_range("num_draws", request.num_draws, 0, settings.max_samples_per_request)
+    check_in_range("num_draws", request.num_draws, 0, settings.max_samples_per_request)
     # The answer holds mu and logvar besides the draws: (n, d) float32 each.
     _fits_message("num_draws", n, 4 * m.latent_dim * (2 + request.num_draws), settings)
     labels = _row_labels(request.labels, n, m, m.encoder_takes_label)
@@ -107,7 +113,7 @@ def validate_decode(
     request: pb.DecodeRequest, m: ModelManifest, settings: ServerSettings
 ) -> DecodeJob:
     z = _float_tensor(request, "z", (m.latent_dim,), settings)
-    _finite("z", z)
+    check_finite("z", z)
     _enum("output", request.output, _OUTPUT_KINDS, pb.OutputKind)
     _enum("encoding", request.encoding, tuple(_SAMPLE_ITEMSIZE), pb.SampleEncoding)
     _fits_message("z", len(z), _pixels(m) * _SAMPLE_ITEMSIZE[request.encoding], settings)
@@ -132,11 +138,6 @@ def validate_reconstruct(
 # --- fields ---
 
 
-def _in_range(field: str, value: int, low: int, high: int) -> None:
-    if not low <= value <= high:
-        raise InvalidRequest(f"{field} is {value}, expected {low}..{high}")
-
-
 def _enum(field: str, value: int, allowed: tuple[int, ...], enum: object) -> None:
     if value not in allowed:
         names = ", ".join(enum.Name(v) for v in allowed)  # type: ignore[attr-defined]
@@ -147,7 +148,7 @@ def _seed(request: object, field: str) -> int:
     if not request.HasField("seed"):  # type: ignore[attr-defined]
         return sampling.new_seed()
     seed = request.seed  # type: ignore[attr-defined]
-    _in_range(field, seed, 0, sampling.MAX_SEED)
+    check_in_range(field, seed, 0, sampling.MAX_SEED)
     return seed
 
 
@@ -161,13 +162,8 @@ def _sample_bytes(request: pb.SampleRequest, m: ModelManifest) -> int:
 
 
 def _fits_message(field: str, rows: int, bytes_per_row: int, settings: ServerSettings) -> None:
-    limit = settings.max_message_bytes - _MESSAGE_HEADROOM
-    if rows * bytes_per_row > limit:
-        raise InvalidRequest(
-            f"{field}: the answer would hold {rows * bytes_per_row} bytes, over the server's "
-            f"max_message_bytes ({settings.max_message_bytes}); ask for at most "
-            f"{limit // bytes_per_row} rows, a compact encoding, or use SampleStream"
-        )
+    advice = ", a compact encoding, or use SampleStream"
+    check_answer_size(field, rows, bytes_per_row, settings.max_message_bytes, advice)
 
 
 def _sample_labels(request: pb.SampleRequest, m: ModelManifest, field: str) -> np.ndarray | None:
@@ -189,7 +185,7 @@ def _sample_labels(request: pb.SampleRequest, m: ModelManifest, field: str) -> n
             f"{field}labels holds {len(request.labels)} classes, expected {n} (one per sample) "
             f"or a single {field}label: {m.name} is a cvae with {m.num_classes} classes"
         )
-    _label_range(f"{field}label" if has_label else f"{field}labels", labels, m)
+    check_labels(f"{field}label" if has_label else f"{field}labels", labels, m)
     return labels
 
 
@@ -207,16 +203,8 @@ def _row_labels(values: object, n: int, m: ModelManifest, required: bool) -> np.
             f"labels holds {count} classes, expected {n} (one per row) for a concat cvae"
         )
     labels = np.array(values, dtype=np.int64)
-    _label_range("labels", labels, m)
+    check_labels("labels", labels, m)
     return labels
-
-
-def _label_range(field: str, labels: np.ndarray, m: ModelManifest) -> None:
-    assert m.num_classes is not None
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= m.num_classes:
-        bad = low if low < 0 else high
-        raise InvalidRequest(f"{field} holds {bad}, expected classes 0..{m.num_classes - 1}")
 
 
 # --- tensors ---
@@ -235,27 +223,15 @@ def _float_tensor(
     if len(shape) != 1 + len(row_shape) or shape[1:] != row_shape:
         expected = "[n, " + ", ".join(map(str, row_shape)) + "]"
         raise InvalidRequest(f"{field}.shape is {list(shape)}, expected {expected}")
-    _in_range(f"{field}.shape[0]", shape[0], 1, settings.max_samples_per_request)
+    check_in_range(f"{field}.shape[0]", shape[0], 1, settings.max_samples_per_request)
     detached = detached_bytes(request, field)
     # A singular field's last occurrence counts, as protobuf itself would read it.
     return to_array(tensor, field, detached[-1] if detached else None)
-
-
-def _finite(field: str, array: np.ndarray) -> None:
-    if not np.isfinite(array).all():
-        raise InvalidRequest(f"{field} holds NaN or Inf, expected finite values")
 
 
 def _samples_tensor(
     request: Any, field: str, m: ModelManifest, settings: ServerSettings
 ) -> np.ndarray:
     x = _float_tensor(request, field, m.sample_shape, settings)
-    low, high = m.value_range
-    lowest, highest = x.min(), x.max()  # NaN propagates into both, so this also finds NaN
-    if not (low <= lowest and highest <= high):
-        _finite(field, x)
-        raise InvalidRequest(
-            f"{field} holds values in [{lowest}, {highest}], expected the model's value_range "
-            f"[{low}, {high}]"
-        )
+    check_value_range(field, x, m)
     return x.astype(m.sample_dtype, copy=False)

@@ -30,6 +30,7 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository holding a concat CVAE and a VAE (latent 2, hidden 16, 1x8x8)."""
     if not _REPOSITORY:
         from export_fixtures import save_tiny_checkpoint, tiny_config
+
         from vaeserve.export.onnx_export import export_checkpoint
 
         root = tmp_path_factory.mktemp("client-repo")
@@ -114,6 +115,7 @@ class Served:
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """Body of a module-scoped ``served`` fixture: a server on 127.0.0.1, port 0."""
     from serving_fixtures import ServerThread
+
     from vaeserve.server.settings import ServerSettings
 
     repository = tiny_repository(tmp_path_factory)

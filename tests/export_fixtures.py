@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from vaeserve.training.checkpoint import save_checkpoint
 from vaeserve.training.config import ModelConfig
 from vaeserve.training.data import load_dataset

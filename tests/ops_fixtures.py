@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 from client_fixtures import CVAE, tiny_repository
-from vaeserve.server.settings import BatchingSettings, ServerSettings
 
 from vaeserve.manifest import MANIFEST_FILE
+from vaeserve.server.settings import BatchingSettings, ServerSettings
 
 __all__ = ["CVAE", "DECODER", "ENCODER", "pristine_version", "copy_repository", "add_version",
            "settings", "wait_until", "decoder_inputs"]  # fmt: skip

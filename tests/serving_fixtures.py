@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 import numpy as np
 import onnxruntime as ort
-from vaeserve.server import sampling
 
+from vaeserve.engine import sampling
 from vaeserve.manifest import MANIFEST_FILE, load_version_manifest
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 
@@ -40,6 +40,7 @@ _NP = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.INT64: np.int64, pb.UI
 def export_repository(root: Path, work: Path) -> Path:
     """Export MODELS through vae-export's Python API into ``root``, plus two more versions."""
     from export_fixtures import save_tiny_checkpoint, tiny_config
+
     from vaeserve.export.onnx_export import export_checkpoint
 
     for name, overrides in MODELS.items():

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 from export_fixtures import save_tiny_checkpoint, tiny_config
-from vaeserve.export import onnx_export
-from vaeserve.training import evaluate, train
 
+from vaeserve.export import onnx_export
 from vaeserve.manifest import list_versions
+from vaeserve.training import evaluate, train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vaeserve.server.batcher import COMPANY_MEMORY_S, INLINE_RUN_S, THREAD_PREFIX, DynamicBatcher
-from vaeserve.server.settings import BatchingSettings
 
 from vaeserve.errors import DeadlineExceeded, NotServing, QueueFull
+from vaeserve.server.batcher import COMPANY_MEMORY_S, INLINE_RUN_S, THREAD_PREFIX, DynamicBatcher
+from vaeserve.server.settings import BatchingSettings
 
 WAIT_S = 10.0  # upper bound of any wait on the runner; never reached when the test passes
 POISON = -1.0

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from vaeserve.training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     load_checkpoint,

@@ -15,11 +15,13 @@ import grpc
 import numpy as np
 import pytest
 from client_fixtures import ServerProcess, free_port, serve
+
 from vaeserve.client import RetryPolicy, VaeClient
 from vaeserve.client.retry import call_with_retry
-from vaeserve.client.tensors import Outgoing, from_tensor, request_serializer, to_tensor
-
+from vaeserve.client.tensors import Outgoing, request_serializer
+from vaeserve.errors import InvalidRequest, ModelNotFound, VaeServeError, error_for_status
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.tensors import from_array, to_array
 
 
 class _StatusError(grpc.RpcError):
@@ -83,21 +85,23 @@ def test_retryable_codes_are_retried_until_success(code):
 )
 def test_other_codes_fail_fast(code):
     attempt, calls = _flaky([code])
-    with pytest.raises(grpc.RpcError) as info:
+    with pytest.raises(VaeServeError) as info:
         call_with_retry(attempt, FAST, timeout_s=None)
-    assert info.value.code() == code
+    assert info.value.code == code
+    assert info.value.status == code.name
+    assert type(info.value) is type(error_for_status(code.name, ""))
     assert len(calls) == 1
 
 
 def test_retries_stop_at_max_attempts_and_at_the_overall_deadline():
     attempt, calls = _flaky([grpc.StatusCode.UNAVAILABLE] * 100)
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(VaeServeError):
         call_with_retry(attempt, RetryPolicy(max_attempts=3, initial_backoff_s=0.001), None)
     assert len(calls) == 3
 
     policy = RetryPolicy(max_attempts=None, initial_backoff_s=0.01, deadline_s=0.2)
     attempt, calls = _flaky([grpc.StatusCode.UNAVAILABLE] * 10_000)
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(VaeServeError):
         call_with_retry(attempt, policy, timeout_s=10.0)
     assert 2 <= len(calls) < 10_000
     assert all(t <= 0.2 for t in calls), "no attempt may outlive the overall deadline"
@@ -115,21 +119,21 @@ def test_retry_policy_rejects_bad_values(kwargs):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int64", "uint8"])
 def test_tensors_round_trip_little_endian(dtype):
     array = (np.arange(24).reshape(2, 3, 4) % 7).astype(dtype)
-    tensor = to_tensor(array)
+    tensor = from_array(array)
     assert list(tensor.shape) == [2, 3, 4]
     assert tensor.data == array.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
-    np.testing.assert_array_equal(from_tensor(tensor), array)
+    np.testing.assert_array_equal(to_array(tensor), array)
     big_endian = array.astype(np.dtype(dtype).newbyteorder(">"))
-    assert to_tensor(big_endian).data == tensor.data
+    assert from_array(big_endian).data == tensor.data
 
 
 def test_tensors_reject_unknown_dtypes_and_short_data():
     with pytest.raises(ValueError, match="float64 is not supported"):
-        to_tensor(np.zeros(3))
-    tensor = to_tensor(np.zeros((2, 3), np.float32))
+        from_array(np.zeros(3))
+    tensor = from_array(np.zeros((2, 3), np.float32))
     tensor.data = tensor.data[:-1]
     with pytest.raises(ValueError, match="expected 24"):
-        from_tensor(tensor)
+        to_array(tensor)
 
 
 @pytest.mark.parametrize("dtype", ["float32", ">f4", "float16", "uint8"])
@@ -139,7 +143,7 @@ def test_outgoing_requests_serialize_as_protobuf_would_with_the_tensor_set(dtype
     wire = request_serializer(pb.EncodeRequest)(Outgoing(message, {"x": x}))
     expected = pb.EncodeRequest()
     expected.CopyFrom(message)
-    expected.x.CopyFrom(to_tensor(x))
+    expected.x.CopyFrom(from_array(x))
     assert pb.EncodeRequest.FromString(wire) == expected
     plain = pb.EncodeRequest(model=pb.ModelRef(name="m"))
     assert request_serializer(pb.EncodeRequest)(plain) == plain.SerializeToString()
@@ -159,7 +163,7 @@ def test_a_served_job_never_imports_onnxruntime():
     # torch is test_import_boundaries.py's; onnxruntime is only for --local (serve extra).
     code = (
         "import sys, vaeserve.client, vaeserve.client.generate, vaeserve.client.job\n"
-        "import vaeserve.client.local, vaeserve.client.shards\n"
+        "import vaeserve.client.shards, vaeserve.client.sources\n"
         "print('onnxruntime' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -224,26 +228,29 @@ def test_encode_decode_reconstruct(client, served):
 
 def test_not_found_fails_fast_without_retries(client, caplog):
     with caplog.at_level(logging.WARNING, logger="vaeserve.client.retry"):
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(VaeServeError) as info:
             client.model_info("no-such-model")
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "no-such-model" in info.value.details()
+    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    assert isinstance(info.value, ModelNotFound) and isinstance(info.value, LookupError)
+    assert "no-such-model" in str(info.value)
     assert not caplog.records
 
 
 def test_invalid_argument_fails_fast(client, served):
-    with pytest.raises(grpc.RpcError) as info:
+    with pytest.raises(VaeServeError) as info:
         client.sample(served.cvae, 2, label=99, seed=1)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(info.value, InvalidRequest)
+    assert "label holds class 99, expected classes 0..9" in str(info.value)
 
 
 def test_unreachable_server_is_retried_then_reported(caplog):
     policy = RetryPolicy(max_attempts=None, initial_backoff_s=0.02, deadline_s=0.5)
     with VaeClient(f"127.0.0.1:{free_port()}", retry=policy) as c:
         with caplog.at_level(logging.WARNING, logger="vaeserve.client.retry"):
-            with pytest.raises(grpc.RpcError) as info:
+            with pytest.raises(VaeServeError) as info:
                 c.model_info("anything")
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert len(caplog.records) >= 2, "UNAVAILABLE is retried"
 
 
@@ -255,9 +262,9 @@ def test_round_robin_skips_a_dead_address(served):
 
 
 def test_per_call_deadline(client, served):
-    with pytest.raises(grpc.RpcError) as info:
+    with pytest.raises(VaeServeError) as info:
         client.sample(served.cvae, 4096, label=1, seed=5, timeout_s=1e-6)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_a_stream_broken_by_a_server_crash_resumes_where_it_stopped(served, caplog):
@@ -319,6 +326,7 @@ def _server_with(settings, **options) -> Iterator[int]:
 
 def test_mutual_tls_and_bearer_token(served, tmp_path):
     from tls_certs import make_certs
+
     from vaeserve.server.security import BearerTokenInterceptor, server_credentials
     from vaeserve.server.settings import ServerSettings
 
@@ -339,11 +347,11 @@ def test_mutual_tls_and_bearer_token(served, tmp_path):
         with VaeClient(address, token="s3cret", **tls) as c:
             assert c.sample(served.vae, 3, seed=1).samples.shape == (3, 1, 8, 8)
         with VaeClient(address, token="wrong", retry=once, **tls) as c:
-            with pytest.raises(grpc.RpcError) as info:
+            with pytest.raises(VaeServeError) as info:
                 c.model_info(served.vae)
-            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
         without_client_cert = {"root_certificates": tls["root_certificates"]}
         with VaeClient(address, token="s3cret", retry=once, **without_client_cert) as c:
-            with pytest.raises(grpc.RpcError) as info:
+            with pytest.raises(VaeServeError) as info:
                 c.model_info(served.vae)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE

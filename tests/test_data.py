@@ -5,6 +5,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from vaeserve.training.data import IDX_FILES, load_dataset, parse_spec
 
 

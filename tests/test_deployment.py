@@ -31,6 +31,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
 from vaeserve.server.servicer import SERVICE_NAME
 from vaeserve.server.settings import ServerSettings, build_parser
 

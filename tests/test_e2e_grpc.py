@@ -33,10 +33,10 @@ from serving_fixtures import (
     export_repository,
     tensor,
 )
-from vaeserve.server.settings import BatchingSettings, ServerSettings, usable_cores
 
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.server.settings import BatchingSettings, ServerSettings, usable_cores
 
 SERVICE = "vaeserve.v1.VaeService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -237,7 +237,7 @@ def test_encode_decode_and_reconstruct_equal_onnxruntime(stub, refs):
     q = r.encode(x, labels)
     np.testing.assert_array_equal(array(encoded.mu), q["mu"])
     np.testing.assert_array_equal(array(encoded.logvar), q["logvar"])
-    from vaeserve.server.sampling import ENCODE_STREAM, normal_rows
+    from vaeserve.engine.sampling import ENCODE_STREAM, normal_rows
 
     eps = normal_rows(8, ENCODE_STREAM, 0, 15, 2).reshape(5, 3, 2)  # row i*k+j
     expected_z = q["mu"][:, None] + np.exp(0.5 * q["logvar"])[:, None] * eps
@@ -445,11 +445,11 @@ ERRORS = [
     pytest.param(
         _sample("concat", label=10),
         INVALID,
-        "label holds 10, expected classes 0..9",
+        "label holds class 10, expected classes 0..9",
         id="label-out-of-range",
     ),
     pytest.param(
-        _sample("concat", labels=[1, -1]), INVALID, "labels holds -1", id="negative-label"
+        _sample("concat", labels=[1, -1]), INVALID, "labels holds class -1", id="negative-label"
     ),
     pytest.param(
         _sample("concat"), INVALID, "labels holds 0 classes, expected 2", id="cvae-without-labels"

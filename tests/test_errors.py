@@ -12,6 +12,10 @@ import logging
 import grpc
 import numpy as np
 import pytest
+
+from vaeserve.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NotServing, QueueFull
+from vaeserve.proto.inference import grpc_service_pb2 as oip
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.server.handlers import (
     DetachedRequest,
     MalformedRequest,
@@ -19,11 +23,7 @@ from vaeserve.server.handlers import (
     detached_bytes,
 )
 from vaeserve.server.status import INTERNAL_MESSAGE, map_errors, status_of
-from vaeserve.server.tensors import to_array
-
-from vaeserve.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NotServing, QueueFull
-from vaeserve.proto.inference import grpc_service_pb2 as oip
-from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.tensors import to_array
 
 
 class Aborted(Exception):
@@ -216,3 +216,24 @@ def test_requests_without_large_fields_parse_as_plain_messages():
     request = pb.SampleRequest(model=pb.ModelRef(name="m"), num_samples=3)
     parsed = _tolerant_parser(pb.SampleRequest)(request.SerializeToString())
     assert type(parsed) is pb.SampleRequest and parsed == request
+
+
+def test_every_error_has_one_root_and_a_real_status_code():
+    import inspect
+
+    from vaeserve import errors
+
+    classes = [
+        c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__
+    ]
+    assert len(classes) >= 12
+    for cls in classes:
+        assert issubclass(cls, errors.VaeServeError), cls
+        grpc.StatusCode[cls.status]  # a KeyError names a status gRPC does not have
+    for cls in (errors.InvalidRequest, errors.ModelNotFound, errors.QueueFull, errors.NotServing):
+        received = errors.error_for_status(cls.status, "from the server")
+        assert type(received) is cls and str(received) == "from the server"
+    other = errors.error_for_status("UNIMPLEMENTED", "no such method")
+    assert type(other) is errors.ServerError and other.status == "UNIMPLEMENTED"
+    # A file or environment fault reaching a call is the server's: its text (paths) stays here.
+    assert status_of(errors.ManifestError("/srv/x")) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from export_fixtures import save_tiny_checkpoint, tiny_config
+
 from vaeserve.export import onnx_export, publish
 from vaeserve.export.publish import resolve_version
-
 from vaeserve.manifest import (
     MANIFEST_FILE,
     ManifestError,

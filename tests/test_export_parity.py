@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from export_fixtures import digits_info, save_tiny_checkpoint, tiny_config
+
 from vaeserve.export.graphs import GRAPH_FILES, RANDOM_OPS, graph_modules
 from vaeserve.export.onnx_export import export_checkpoint
 from vaeserve.export.parity import (
@@ -27,9 +28,8 @@ from vaeserve.export.parity import (
     compare,
     reference_data,
 )
-from vaeserve.training.checkpoint import load_model
-
 from vaeserve.manifest import MANIFEST_FILE, load_version_manifest
+from vaeserve.training.checkpoint import load_model
 
 VARIANTS = {
     "vae-mlp-bernoulli": ({}, False),

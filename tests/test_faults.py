@@ -29,12 +29,12 @@ from client_fixtures import CVAE, VAE, ServerProcess, tiny_repository
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import helper, numpy_helper
 from serving_fixtures import WAIT_S, Reference, ServerThread, array, channel, tensor
-from vaeserve.server.settings import BatchingSettings, ServerSettings
-from vaeserve.server.status import INTERNAL_MESSAGE
 
 from vaeserve.manifest import MANIFEST_FILE, sha256_of_file
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.server.settings import BatchingSettings, ServerSettings
+from vaeserve.server.status import INTERNAL_MESSAGE
 
 T = 30.0  # per-call timeout: a hung server fails the test instead of hanging it
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from serving_fixtures import Reference, ServerThread, channel
-from vaeserve.server.settings import ServerSettings
-from vaeserve.server.status import INTERNAL_MESSAGE
 
 from vaeserve.proto.inference import grpc_service_pb2 as pb
 from vaeserve.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vaeserve.server.settings import ServerSettings
+from vaeserve.server.status import INTERNAL_MESSAGE
 
 T = 30.0
 PRIOR = "tiny-prior"
@@ -63,6 +63,7 @@ class Served:
 def served(tmp_path_factory):
     """tiny-vae, tiny-cvae (concat) and a prior CVAE, on a server with 1 MiB messages."""
     from export_fixtures import save_tiny_checkpoint, tiny_config
+
     from vaeserve.export.onnx_export import export_checkpoint
 
     models = tiny_repository(tmp_path_factory)

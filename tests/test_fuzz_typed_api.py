@@ -28,13 +28,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from serving_fixtures import Reference, ServerThread, array, channel
-from vaeserve.server import sampling
+
+from vaeserve.engine import sampling
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 from vaeserve.server.settings import ServerSettings
 from vaeserve.server.status import INTERNAL_MESSAGE
 from vaeserve.server.validation import MAX_TEMPERATURE
-
-from vaeserve.proto.v1 import vaeserve_pb2 as pb
-from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
 T = 30.0
 PRIOR = "tiny-prior"
@@ -69,6 +69,7 @@ FUZZ = settings(
 def served(tmp_path_factory):
     """tiny-vae, tiny-cvae (concat) and a prior CVAE, on a server with 1 MiB messages."""
     from export_fixtures import save_tiny_checkpoint, tiny_config
+
     from vaeserve.export.onnx_export import export_checkpoint
 
     models = tiny_repository(tmp_path_factory)

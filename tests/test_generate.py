@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from client_fixtures import CVAE, OutputLines, ServerProcess, free_port, serve
+
 from vaeserve.client.generate import main
 from vaeserve.client.job import KILL_ENV, KillSwitch
 from vaeserve.client.shards import JobSpec, _npz_bytes, read_job

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from client_fixtures import CVAE, OutputLines, serve
 from test_generate import _assert_same_files, _visible_shards_are_complete
+
 from vaeserve.client.generate import main
 from vaeserve.client.job import KILL_ENV
 from vaeserve.client.shards import JOB_FILE, read_job, verify_shard

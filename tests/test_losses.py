@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
+
 from vaeserve.training.config import ModelConfig
 from vaeserve.training.evaluate import independent_bernoulli_nll
 from vaeserve.training.losses import (

@@ -12,12 +12,12 @@ from client_fixtures import tiny_repository
 from ops_fixtures import CVAE, DECODER, decoder_inputs, settings, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from serving_fixtures import ServerThread, channel
-from vaeserve.server.metrics import GraphKey, MetricsEndpoint, ServerMetrics
 
 from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from vaeserve.proto.v1 import vaeserve_pb2 as vae_pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as vae_grpc
+from vaeserve.server.metrics import GraphKey, MetricsEndpoint, ServerMetrics
 
 KEY = GraphKey("digits", 1, "decoder")
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+
 from vaeserve.training.config import ModelConfig, TrainConfig
 from vaeserve.training.losses import training_loss
 from vaeserve.training.model import build_model

@@ -13,14 +13,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from ops_fixtures import CVAE, DECODER, ENCODER, decoder_inputs, pristine_version, settings
 from serving_fixtures import Reference, ServerThread, channel
-from vaeserve.server import oip_convert as convert
-from vaeserve.server.oip_servicer import split_name
 
 from vaeserve.errors import InvalidRequest, ModelNotFound
 from vaeserve.manifest import TensorSpec
 from vaeserve.proto.inference import grpc_service_pb2 as pb
 from vaeserve.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from vaeserve.proto.inference import model_config_pb2 as config_pb
+from vaeserve.server import oip_convert as convert
+from vaeserve.server.oip_servicer import split_name
 
 SPECS = {"z": TensorSpec("float32", (-1, 2)), "y": TensorSpec("int64", (-1,))}
 OUT_SPECS = {
@@ -145,9 +145,9 @@ def test_encode_outputs_one_raw_entry_per_output_in_order():
 
 
 def test_answer_size_is_bounded_before_computing():
-    convert.check_answer_size(100, ["probs"], OUT_SPECS, max_message_bytes=1 << 20)
+    convert.check_answer_fits(100, ["probs"], OUT_SPECS, max_message_bytes=1 << 20)
     with pytest.raises(InvalidRequest, match="max_message_bytes"):
-        convert.check_answer_size(10_000, ["probs"], OUT_SPECS, max_message_bytes=1 << 20)
+        convert.check_answer_fits(10_000, ["probs"], OUT_SPECS, max_message_bytes=1 << 20)
 
 
 @pytest.mark.parametrize(
@@ -303,7 +303,8 @@ def test_request_parameters_are_accepted_and_ignored(stub):
         pytest.param(DECODER, {"z": np.zeros((2, 3), np.float32), "y": np.zeros(2, np.int64)},
                      "", grpc.StatusCode.INVALID_ARGUMENT, "expected [-1, 2]", id="shape"),
         pytest.param(DECODER, {"z": np.zeros((2, 2), np.float32), "y": np.array([0, 10])},
-                     "", grpc.StatusCode.INVALID_ARGUMENT, "expected 0..9", id="label-range"),
+                     "", grpc.StatusCode.INVALID_ARGUMENT, "expected classes 0..9",
+                     id="label-range"),
         pytest.param(DECODER, {"z": np.full((1, 2), np.nan, np.float32),
                                "y": np.zeros(1, np.int64)},
                      "", grpc.StatusCode.INVALID_ARGUMENT, "NaN", id="nan"),

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from client_fixtures import CVAE, VAE, tiny_repository
 from serving_fixtures import WAIT_S, ServerThread, channel
-from vaeserve.server.settings import BatchingSettings, ServerSettings
 
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.server.settings import BatchingSettings, ServerSettings
 
 T = 30.0  # per-call deadline: a refusal that takes a sizeable part of it is not "prompt"
 SOAK = Path(__file__).resolve().parents[1] / "bench" / "soak.py"

@@ -14,9 +14,8 @@ import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vaeserve.client.tensors import answer_parser
-from vaeserve.server.tensors import describe
 
+from vaeserve.client.tensors import answer_parser
 from vaeserve.proto.inference import grpc_service_pb2 as oip
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.protowire import (
@@ -28,6 +27,7 @@ from vaeserve.protowire import (
     serialize,
     varint,
 )
+from vaeserve.tensors import describe
 
 TENSORS = ("samples", "labels", "latents")
 PATHS = {name: field_path(pb.SampleResponse, name, "data") for name in TENSORS}

@@ -24,12 +24,12 @@ from ops_fixtures import (
     wait_until,
 )
 from serving_fixtures import ServerThread, channel
-from vaeserve.server.reload import Reloader, VersionOnDisk, plan_reload, scan_repository
 
 from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from vaeserve.proto.v1 import vaeserve_pb2 as vae_pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as vae_grpc
+from vaeserve.server.reload import Reloader, VersionOnDisk, plan_reload, scan_repository
 
 
 def _version_dir(

@@ -13,7 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from vaeserve.server.runner import (
+
+from vaeserve.engine.runner import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     OnnxRunner,
@@ -73,7 +74,7 @@ def test_cuda_fails_at_start_when_not_available(offered):
 
 def test_auto_logs_what_it_chose(offered, caplog):
     offered(CPU_ONLY)
-    with caplog.at_level(logging.INFO, logger="vaeserve.server.runner"):
+    with caplog.at_level(logging.INFO, logger="vaeserve.engine.runner"):
         select_providers("auto")
     assert f"device auto: using {CPU_PROVIDER}" in caplog.text
 
@@ -100,7 +101,7 @@ def test_auto_falls_back_to_cpu_when_cuda_is_offered_but_fails(offered, double_g
     if CUDA_PROVIDER in ort.get_available_providers():
         pytest.skip("this onnxruntime has a working CUDA provider")
     offered(WITH_CUDA)
-    with caplog.at_level(logging.WARNING, logger="vaeserve.server.runner"):
+    with caplog.at_level(logging.WARNING, logger="vaeserve.engine.runner"):
         with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
             runner = OnnxRunner(double_graph, select_providers("auto"), allow_fallback=True)
     assert runner.provider == CPU_PROVIDER

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vaeserve.server import sampling
+
+from vaeserve.engine import sampling
 
 SEEDS = st.integers(0, sampling.MAX_SEED)
 

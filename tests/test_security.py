@@ -15,13 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ops_fixtures import CVAE, DECODER, settings, wait_until
 from serving_fixtures import ServerThread
 from tls_certs import make_certs
-from vaeserve.client.client import VaeClient
-from vaeserve.server.security import read_token, server_credentials
 
+from vaeserve.client.client import VaeClient
 from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from vaeserve.proto.v1 import vaeserve_pb2 as vae_pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as vae_grpc
+from vaeserve.server.security import read_token, server_credentials
 
 TOKEN = "s3cr3t-token_for.tests"
 

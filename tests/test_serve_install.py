@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from export_fixtures import save_tiny_checkpoint, tiny_config
 from test_deployment import deploy_health_checks
+
 from vaeserve.export import onnx_export
 
 pytestmark = pytest.mark.slow

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from vaeserve.server.settings import BatchingSettings, ServerSettings, build_parser
 
 

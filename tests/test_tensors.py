@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from vaeserve.server.tensors import decode_uint8, encode_samples, from_array, to_array
 
 from vaeserve.errors import InvalidRequest
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.tensors import decode_uint8, encode_samples, from_array, to_array
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.uint8])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from vaeserve.training import evaluate, train
 from vaeserve.training.checkpoint import load_checkpoint
 from vaeserve.training.config import TrainConfig

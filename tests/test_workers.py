@@ -21,11 +21,11 @@ import grpc
 import pytest
 from client_fixtures import VAE, OutputLines, tiny_repository
 from serving_fixtures import _copy_version, channel
-from vaeserve.server.settings import BatchingSettings, ServerSettings
-from vaeserve.server.workers import decode_settings, encode_settings, worker_settings
 
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.server.settings import BatchingSettings, ServerSettings
+from vaeserve.server.workers import decode_settings, encode_settings, worker_settings
 
 _SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"  # vae-serve
 GRACE_S = 5.0

@@ -43,13 +43,13 @@ class VaeServeError(Exception):
 # --- a request or a call that went wrong: each maps to one status code ---
 
 
-class InvalidRequest(VaeServeError):
+class InvalidRequest(VaeServeError, ValueError):
     """A malformed request: wrong dtype, shape, byte length, label, count or option."""
 
     status = "INVALID_ARGUMENT"
 
 
-class ModelNotFound(VaeServeError):
+class ModelNotFound(VaeServeError, LookupError):
     """An unknown model name or version."""
 
     status = "NOT_FOUND"
@@ -104,10 +104,9 @@ class ProviderUnavailable(VaeServeError, RuntimeError):
     """The onnxruntime execution provider asked for cannot run here (e.g. no CUDA)."""
 
 
-class MalformedMessage(VaeServeError, ValueError):
-    """Bytes that are not a valid protobuf message."""
-
-    status = "INVALID_ARGUMENT"
+class MalformedMessage(InvalidRequest):
+    """Bytes that are not a valid protobuf message, or a tensor whose bytes disagree with its
+    shape."""
 
 
 _BY_STATUS: dict[str, type[VaeServeError]] = {

@@ -1,21 +1,27 @@
-"""What each typed-API call computes, on numpy arrays: noise, batched graph runs, draws.
+"""What each call computes, on numpy arrays: noise, graph runs, draws.
 
-These functions are the one internal path behind the servicer methods (and reusable by any
-other front end). Requests reach them validated (server/validation.py). All randomness comes
-from server/sampling.py, keyed by the request's seed and each row's index, so sample i of
-seed s does not depend on the request's size, chunking or batch-mates: the decoder only ever
-sees z rows, and every draw is made per row from the counter-based generator.
+These functions are the one path behind the server's servicers (where each graph is a
+batcher) and the in-process ``Engine`` (where each graph runs directly). Jobs reach them
+checked (``vaeserve.engine.checks``). All randomness comes from ``vaeserve.engine.sampling``,
+keyed by the job's seed and each row's index, so sample i of seed s does not depend on the
+request's size, chunking or batch-mates: the decoder only ever sees z rows, and every draw is
+made per row from the counter-based generator.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
-from vaeserve.server import sampling
-from vaeserve.server.repository import LoadedModel
+
+from vaeserve.engine import sampling
+from vaeserve.manifest import ModelManifest
 
 __all__ = [
+    "Graph",
+    "Model",
     "SampleJob",
     "EncodeJob",
     "DecodeJob",
@@ -27,6 +33,27 @@ __all__ = [
     "decode",
     "reconstruct",
 ]
+
+
+class Graph(Protocol):
+    """One graph of a model version: a batcher in the server, a direct run in the Engine."""
+
+    async def run(
+        self, inputs: Mapping[str, np.ndarray], deadline: float | None = None
+    ) -> dict[str, np.ndarray]: ...
+
+
+class Model(Protocol):
+    """What the pipeline needs of a model version."""
+
+    @property
+    def manifest(self) -> ModelManifest: ...
+    @property
+    def encoder(self) -> Graph: ...
+    @property
+    def decoder(self) -> Graph: ...
+    @property
+    def prior_means(self) -> np.ndarray | None: ...  # (num_classes, latent_dim) float32
 
 
 @dataclass(frozen=True)
@@ -72,6 +99,7 @@ class ReconstructJob:
 class Samples:
     x: np.ndarray  # (count, *sample_shape) float32
     z: np.ndarray  # (count, latent_dim) float32
+    seed: int  # the seed they were drawn with (chosen by the engine when none was given)
 
 
 @dataclass(frozen=True)
@@ -81,7 +109,7 @@ class Encoding:
     z: np.ndarray | None  # (n, num_draws, latent_dim) when draws were asked for
 
 
-async def sample(model: LoadedModel, job: SampleJob, deadline: float | None = None) -> Samples:
+async def sample(model: Model, job: SampleJob, deadline: float | None = None) -> Samples:
     """z from the prior (class means for a prior CVAE, times temperature), then decoded."""
     m = model.manifest
     z = sampling.prior_latents(
@@ -94,10 +122,10 @@ async def sample(model: LoadedModel, job: SampleJob, deadline: float | None = No
         prior_means=model.prior_means,
     )
     x = await _decode(model, z, job.labels, job.draw, job.seed, job.start, deadline)
-    return Samples(x=x, z=z)
+    return Samples(x=x, z=z, seed=job.seed)
 
 
-async def encode(model: LoadedModel, job: EncodeJob, deadline: float | None = None) -> Encoding:
+async def encode(model: Model, job: EncodeJob, deadline: float | None = None) -> Encoding:
     """q(z|x[,y]): mean and log-variance; draw j of input i is row i*k+j of ENCODE_STREAM."""
     inputs = {"x": job.x}
     if model.manifest.encoder_takes_label:
@@ -113,13 +141,13 @@ async def encode(model: LoadedModel, job: EncodeJob, deadline: float | None = No
     return Encoding(mu, logvar, z.astype(np.float32, copy=False))
 
 
-async def decode(model: LoadedModel, job: DecodeJob, deadline: float | None = None) -> np.ndarray:
+async def decode(model: Model, job: DecodeJob, deadline: float | None = None) -> np.ndarray:
     """E[x|z] or a draw from p(x|z) (row i of the draw is row i of OUTPUT_STREAM)."""
     return await _decode(model, job.z, job.labels, job.draw, job.seed, 0, deadline)
 
 
 async def reconstruct(
-    model: LoadedModel, job: ReconstructJob, deadline: float | None = None
+    model: Model, job: ReconstructJob, deadline: float | None = None
 ) -> np.ndarray:
     """decode(mu(x)): the decoder's mean at the posterior mean latent."""
     encoding = await encode(model, EncodeJob(job.x, job.labels, 0, 0), deadline)
@@ -127,7 +155,7 @@ async def reconstruct(
 
 
 async def _decode(
-    model: LoadedModel,
+    model: Model,
     z: np.ndarray,
     labels: np.ndarray | None,
     draw: bool,
