@@ -4,7 +4,7 @@ Run: python bench/bench_api.py [--window-s 0.5] [--models mlp,conv] [--full]
 
 Reuses bench_serving's helpers (export, in-process decoder rates, the server subprocess, the
 Sample driver). For each random-weight reference model (exported with the real exporter):
-  mlp:  DESIGN.md's 32 -> 512 -> 512 -> 784 MLP (encoder 784 -> 512 -> 512 -> 2x32);
+  mlp:  the reference model's 32 -> 512 -> 512 -> 784 MLP (encoder 784 -> 512 -> 512 -> 2x32);
   conv: training's conv arch, stride-2 convolutions of 32 and 64 channels, 1x28x28;
 it measures
   1. the decoder and the encoder in-process (the server's OnnxRunner; the better of one
@@ -46,11 +46,11 @@ from bench_serving import (  # noqa: E402
     serve_and_drive,
     wait_ready,
 )
+
 from vaeserve.client.client import AnswerStub  # noqa: E402
 from vaeserve.client.tensors import Outgoing  # noqa: E402
-from vaeserve.server.app import keep_freed_memory  # noqa: E402
-
 from vaeserve.proto.v1 import vaeserve_pb2 as pb  # noqa: E402
+from vaeserve.server.app import keep_freed_memory  # noqa: E402
 
 CLIENTS = (1, 4, 32)
 

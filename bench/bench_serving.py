@@ -2,8 +2,9 @@
 
 Run: python bench/bench_serving.py [--repository DIR --model NAME] [--window-s 1] [--workers 2]
 
-Without --repository it exports a random-weight copy of DESIGN.md's reference model (MLP
-decoder 32 -> 512 -> 512 -> 784, Bernoulli, 1x28x28; weights do not change the speed) through
+Without --repository it exports a random-weight copy of the reference model of
+docs/architecture.md (MLP decoder 32 -> 512 -> 512 -> 784, Bernoulli, 1x28x28; weights do not
+change the speed) through
 vae-export's Python API, so it needs the train extra (torch) in this process only. Then:
   1. the decoder in-process (the server's own OnnxRunner): samples/s at batch 1/64/1024/4096,
      the better of one multi-threaded run at a time and one single-threaded run per core;
@@ -37,13 +38,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from vaeserve.client.client import AnswerStub
-from vaeserve.server.app import keep_freed_memory
-from vaeserve.engine.runner import CPU_PROVIDER, OnnxRunner
-from vaeserve.server.settings import usable_cores
 
+from vaeserve.client.client import AnswerStub
+from vaeserve.engine.runner import CPU_PROVIDER, OnnxRunner
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
+from vaeserve.server.app import keep_freed_memory
+from vaeserve.server.settings import usable_cores
 
 SIZES = (1, 64, 1024, 4096)
 WINDOWS = 3  # measurement windows per figure; the best one counts
@@ -82,10 +83,11 @@ def export_reference_model(
 ) -> tuple[Path, str]:
     """A random-weight reference model, exported as <root>/models/<name>/1.
 
-    arch "mlp": DESIGN.md's 32 -> 512 -> 512 -> 784 decoder; "conv": training's default conv
-    channels (stride-2 convolutions 32, 64), also to 1x28x28.
+    arch "mlp": the reference model's 32 -> 512 -> 512 -> 784 decoder; "conv": training's
+    default conv channels (stride-2 convolutions 32, 64), also to 1x28x28.
     """
     import torch
+
     from vaeserve.export.onnx_export import export_checkpoint
     from vaeserve.training.checkpoint import save_checkpoint
     from vaeserve.training.config import ModelConfig

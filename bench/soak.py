@@ -3,10 +3,11 @@
 Run: python bench/soak.py [--duration-s 600] [--clients 32] [--json soak.json]
      python bench/soak.py --repository DIR --vae NAME --cvae NAME   (skip the export)
 
-Without --repository it exports random-weight models of DESIGN.md's reference size (MLP
-784 -> 512 -> 512 -> 32 and back, 1x28x28): a VAE and a concat CVAE, through vae-export's
-Python API (so it needs the train extra, in this process only). Then it starts vae-serve in a
-child process on 127.0.0.1 with a small queue bound, and drives it from grpc.aio clients here:
+Without --repository it exports random-weight models of the reference size of
+docs/architecture.md (MLP 784 -> 512 -> 512 -> 32 and back, 1x28x28): a VAE and a concat
+CVAE, through vae-export's Python API (so it needs the train extra, in this process only).
+Then it starts vae-serve in a child process on 127.0.0.1 with a small queue bound, and drives
+it from grpc.aio clients here:
 
   - ``--clients`` closed-loop clients, each call drawn at random: typed Sample (small and
     large, CVAE labels, compact encodings), SampleStream, Encode, Decode, a fixed-seed Sample
@@ -63,6 +64,7 @@ RECOVERY_PROBE_S = 0.01
 def export_reference_models(root: Path) -> tuple[Path, str, str]:
     """Random-weight VAE and concat CVAE of the reference size, in <root>/models."""
     import torch
+
     from vaeserve.export.onnx_export import export_checkpoint
     from vaeserve.training.checkpoint import save_checkpoint
     from vaeserve.training.config import ModelConfig

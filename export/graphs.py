@@ -36,7 +36,8 @@ DEFAULT_OPSET = 20
 # The lowest opset torch's dynamo exporter implements; lower ones go through a converter.
 MIN_OPSET = 18
 GRAPH_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
-# Ops whose output changes from run to run: the server draws all noise itself (DESIGN.md).
+# Ops whose output changes from run to run: the server draws all noise itself
+# (the sampling contract, docs/architecture.md).
 RANDOM_OPS = frozenset(
     {
         "RandomNormal",

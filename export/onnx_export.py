@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 import onnxscript
 import torch
+
 from vaeserve.export.graphs import (
     DEFAULT_OPSET,
     GRAPH_FILES,
@@ -51,7 +52,6 @@ from vaeserve.export.publish import (
     resolve_version,
     staging_folder,
 )
-
 from vaeserve.manifest import (
     MANIFEST_FILE,
     GraphSpec,

@@ -31,8 +31,8 @@ INTERNAL_MESSAGE = "internal error; the server logged the details"
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for ``exc``.
 
-    ``VaeServeError``s keep their message; anything else is a bug or an environment fault
-    whose text may hold paths or internals, so the client gets a generic message.
+    ``VaeServeError``s of a request's status keep their message; anything else (a bug, or a
+    file or environment fault whose text may hold paths) gets INTERNAL with a generic message.
     """
     if isinstance(exc, VaeServeError) and exc.status != "INTERNAL":
         return grpc.StatusCode[exc.status], str(exc)
@@ -45,7 +45,7 @@ def _check_parsed(request: Any) -> None:
 
 
 def _log_unexpected(method: Callable[..., Any], exc: BaseException) -> None:
-    if not isinstance(exc, VaeServeError):
+    if not isinstance(exc, VaeServeError) or exc.status == "INTERNAL":
         logger.error("unexpected error in %s", method.__qualname__, exc_info=exc)
 
 

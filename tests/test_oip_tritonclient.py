@@ -1,8 +1,8 @@
 """Triton's own gRPC client (``tritonclient``), which nobody here wrote, against vae-serve.
 
 Neither runs in the test process: tritonclient's generated ``inference`` protos and ours cannot
-share a process (DESIGN.md, "Server"). ``vae-serve`` runs as a child process on 127.0.0.1 and
-tests/tritonclient_calls.py drives it from another, printing what it saw as JSON.
+share a process (docs/architecture.md, "A trap"). ``vae-serve`` runs as a child process on
+127.0.0.1 and tests/tritonclient_calls.py drives it from another, printing what it saw as JSON.
 """
 
 from __future__ import annotations

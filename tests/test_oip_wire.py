@@ -1,7 +1,7 @@
 """Our Open Inference Protocol subset is wire-compatible with the protos Triton's client ships.
 
 The tritonclient wheel carries its own generated ``inference`` protos. Importing them next to
-ours fails in protobuf's descriptor pool (DESIGN.md, "Server"), so the test reads their
+ours fails in protobuf's descriptor pool (docs/architecture.md, "A trap"), so the test reads their
 serialized descriptors out of the wheel's source without importing it, and compares every
 message, field, enum value and RPC we declare with the upstream one of the same name.
 """

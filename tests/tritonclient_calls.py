@@ -1,7 +1,7 @@
 """Drive a running vae-serve with Triton's own gRPC client and print what it saw, as JSON.
 
 Run by test_oip_tritonclient.py in a process of its own: tritonclient ships its own generated
-``inference`` protos, which cannot share a process with ours (DESIGN.md, "Server").
+``inference`` protos, which cannot share a process with ours (docs/architecture.md, "A trap").
 
     python tests/tritonclient_calls.py HOST:PORT MODEL REFERENCE.npz
 

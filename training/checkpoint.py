@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from vaeserve.training.config import ModelConfig
-from vaeserve.training.model import VAE, build_model
 
 from vaeserve.atomic import write_atomically
+from vaeserve.training.config import ModelConfig
+from vaeserve.training.model import VAE, build_model
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",

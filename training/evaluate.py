@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from vaeserve.training.checkpoint import CHECKPOINT_NAME, load_model
 from vaeserve.training.data import DatasetSplits, Split, load_dataset
 from vaeserve.training.images import save_grid

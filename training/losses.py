@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from vaeserve.training.model import VAE, reparameterize
 
 __all__ = [

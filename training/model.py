@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+
 from vaeserve.training.config import ModelConfig
 
 __all__ = ["VAE", "build_model", "reparameterize"]

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from vaeserve.atomic import write_atomically
 from vaeserve.training.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -39,8 +41,6 @@ from vaeserve.training.data import DatasetSplits, Split, load_dataset
 from vaeserve.training.evaluate import evaluate_model, finite_metrics, resolve_device, write_grids
 from vaeserve.training.losses import elbo_terms, iwae_bound, training_loss
 from vaeserve.training.model import VAE, build_model
-
-from vaeserve.atomic import write_atomically
 
 __all__ = ["RESUMABLE", "main", "resume_config", "train"]
 

@@ -1,7 +1,8 @@
 """OnnxRunner: the one owner of onnxruntime, one InferenceSession per graph file.
 
-Provider choice follows DESIGN.md: ``cpu``; ``cuda``, which fails at start when CUDA is not
-available (never a silent fallback); ``auto``, CUDA when available, else CPU, logged.
+Provider choice (docs/architecture.md, "Providers"): ``cpu``; ``cuda``, which fails at start
+when CUDA is not available (never a silent fallback); ``auto``, CUDA when available, else CPU,
+logged.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Counter-based noise: the sampling contract of DESIGN.md, in numpy (no torch).
+"""Counter-based noise: the sampling contract (docs/architecture.md), in numpy (no torch).
 
 Row ``i`` of the noise for ``(seed, stream)`` is a pure function of ``(seed, stream, i, width)``:
 it is cut from a Philox stream keyed by ``(seed, stream)`` at a fixed offset, so a request for
