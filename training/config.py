@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from vaeserve.manifest import DECODER_OUTPUTS, LIKELIHOODS
+
 __all__ = [
     "ARCHS",
     "BINARIZE_MODES",
@@ -22,7 +24,6 @@ __all__ = [
 KINDS = ("vae", "cvae")
 CONDITIONINGS = ("concat", "prior")
 ARCHS = ("mlp", "conv")
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
 BINARIZE_MODES = ("none", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -127,11 +128,7 @@ class ModelConfig:
     @property
     def decoder_output_names(self) -> tuple[str, ...]:
         """Names of the tensors `VAE.decode` returns, in order (also the ONNX output names)."""
-        return {
-            "bernoulli": ("probs",),
-            "gaussian": ("mean",),
-            "gaussian-learned": ("mean", "log_sigma"),
-        }[self.likelihood]
+        return DECODER_OUTPUTS[self.likelihood]
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as plain values (tuples become lists)."""

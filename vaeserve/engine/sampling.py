@@ -13,6 +13,8 @@ import threading
 
 import numpy as np
 
+from vaeserve.manifest import mean_output_name
+
 __all__ = [
     "LATENT_STREAM",
     "OUTPUT_STREAM",
@@ -161,7 +163,7 @@ def draw_from_likelihood(
     Returns:
         float32 array of the shape of the mean.
     """
-    mean = params["probs"] if likelihood == "bernoulli" else params["mean"]
+    mean = params[mean_output_name(likelihood)]
     count = mean.shape[0]
     width = int(np.prod(mean.shape[1:]))
     if likelihood == "bernoulli":
