@@ -47,8 +47,10 @@ from bench_serving import (  # noqa: E402
     wait_ready,
 )
 
-from vaeserve.client.client import AnswerStub  # noqa: E402
-from vaeserve.client.tensors import Outgoing  # noqa: E402
+from vaeserve.client.tensors import (
+    AnswerStub,  # noqa: E402
+    Outgoing,  # noqa: E402
+)
 from vaeserve.proto.v1 import vaeserve_pb2 as pb  # noqa: E402
 from vaeserve.server.app import keep_freed_memory  # noqa: E402
 

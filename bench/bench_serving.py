@@ -16,7 +16,7 @@ vae-export's Python API, so it needs the train extra (torch) in this process onl
      connections, not calls, so one shared channel would reach one worker only.
 It prints one table: samples/s, p50/p99 latency, and each rate as a ratio to in-process.
 The load generator shares the machine's cores with the server, as a local client would, and
-reads each answer's samples into a numpy array as VaeClient does (client.AnswerStub).
+reads each answer's samples into a numpy array as VaeClient does (the client's AnswerStub).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from vaeserve.client.client import AnswerStub
+from vaeserve.client.tensors import AnswerStub
 from vaeserve.engine.runner import CPU_PROVIDER, OnnxRunner
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc

@@ -32,7 +32,7 @@ from bench_serving import ServerProcess, export_reference_model, process_cpu_s  
 _LOAD = """
 import asyncio, sys, time
 import grpc
-from vaeserve.client.client import AnswerStub
+from vaeserve.client.tensors import AnswerStub
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 port, model, n, clients, seconds = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:6])
 async def main():

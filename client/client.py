@@ -16,14 +16,12 @@ from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf import message_factory
 
 from vaeserve.client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult
 from vaeserve.client.retry import Retrier, RetryPolicy, call_with_retry
-from vaeserve.client.tensors import ENCODINGS, OUTPUTS, Outgoing, answer_parser, request_serializer
+from vaeserve.client.tensors import ENCODINGS, OUTPUTS, AnswerStub, Outgoing
 from vaeserve.errors import ServerError
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
-from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
 __all__ = ["VaeClient", "AnswerStub"]
 
@@ -331,38 +329,6 @@ class VaeClient:
             {"x": x},
         )
         return self._unary("Reconstruct", request, timeout_s).tensor("x")
-
-
-# Answers holding tensors, and the tensor fields of each: parsed into client.tensors.Answer.
-_TENSOR_ANSWERS = {
-    "Sample": ("samples", "labels", "latents"),
-    "SampleStream": ("samples", "labels", "latents"),
-    "Encode": ("mu", "logvar", "z"),
-    "Decode": ("x",),
-    "Reconstruct": ("x",),
-}
-
-
-class AnswerStub(pb_grpc.VaeServiceStub):
-    """The generated stub, except that answers holding tensors come as ``Answer``s whose
-    tensor bytes stay in gRPC's buffer (``answer_parser``) instead of being copied out by
-    protobuf, and those calls also take ``Outgoing`` requests (``request_serializer``).
-    Works on ``grpc`` and ``grpc.aio`` channels alike."""
-
-    def __init__(self, channel: grpc.Channel | grpc.aio.Channel):
-        super().__init__(channel)
-        service = pb.DESCRIPTOR.services_by_name["VaeService"]
-        for name, fields in _TENSOR_ANSWERS.items():
-            method = service.methods_by_name[name]
-            make = channel.unary_stream if method.server_streaming else channel.unary_unary
-            request_class = message_factory.GetMessageClass(method.input_type)
-            answer_class = message_factory.GetMessageClass(method.output_type)
-            callable_ = make(
-                f"/{service.full_name}/{name}",
-                request_serializer=request_serializer(request_class),
-                response_deserializer=answer_parser(answer_class, *fields),
-            )
-            setattr(self, name, callable_)
 
 
 def _sample_request(

@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import grpc
 import numpy as np
+from google.protobuf import message_factory
 
 from vaeserve import protowire
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 from vaeserve.tensors import describe, to_array
 
 __all__ = [
@@ -24,6 +27,7 @@ __all__ = [
     "answer_parser",
     "Outgoing",
     "request_serializer",
+    "AnswerStub",
 ]
 
 # Request options by the names the CLI and the Python API use.
@@ -97,3 +101,35 @@ def answer_parser(message_class: type, *tensor_fields: str) -> Callable[[bytes],
         return Answer(parse(rest), {paths[path]: views[-1] for path, views in found.items()})
 
     return parse_answer
+
+
+# Answers holding tensors, and the tensor fields of each: parsed into ``Answer``s.
+_TENSOR_ANSWERS = {
+    "Sample": ("samples", "labels", "latents"),
+    "SampleStream": ("samples", "labels", "latents"),
+    "Encode": ("mu", "logvar", "z"),
+    "Decode": ("x",),
+    "Reconstruct": ("x",),
+}
+
+
+class AnswerStub(pb_grpc.VaeServiceStub):
+    """The generated stub, except that answers holding tensors come as ``Answer``s whose
+    tensor bytes stay in gRPC's buffer (``answer_parser``) instead of being copied out by
+    protobuf, and those calls also take ``Outgoing`` requests (``request_serializer``).
+    Works on ``grpc`` and ``grpc.aio`` channels alike."""
+
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel):
+        super().__init__(channel)
+        service = pb.DESCRIPTOR.services_by_name["VaeService"]
+        for name, fields in _TENSOR_ANSWERS.items():
+            method = service.methods_by_name[name]
+            make = channel.unary_stream if method.server_streaming else channel.unary_unary
+            request_class = message_factory.GetMessageClass(method.input_type)
+            answer_class = message_factory.GetMessageClass(method.output_type)
+            callable_ = make(
+                f"/{service.full_name}/{name}",
+                request_serializer=request_serializer(request_class),
+                response_deserializer=answer_parser(answer_class, *fields),
+            )
+            setattr(self, name, callable_)
