@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 
-.PHONY: demo test install check proto clean
+.PHONY: demo test install check layers proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,17 @@ demo: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $$(cd proto && find . -name '*.proto' | sed 's|^\./||' | sort)
 
-check: $(STAMP)
+check: layers
 	$(BIN)/ruff format --diff vaeserve training export server client tests bench
 	$(BIN)/ruff check vaeserve training export server client tests bench
 
+# The layer rule (pyproject's [tool.importlinter]) on the built wheel: the package-dir mapping
+# hides the parts from a walk of the source tree, so lint the installed layout instead.
+layers: $(STAMP)
+	rm -rf build/layers
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w build/layers .
+	$(BIN)/python -m zipfile -e build/layers/vaeserve-*.whl build/layers/site
+	cd build/layers/site && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml --no-cache
+
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) .pytest_cache build

@@ -51,7 +51,7 @@ WINDOWS = 3  # measurement windows per figure; the best one counts
 CLIENTS = (1, 16)
 MAX_MESSAGE = 64 << 20
 START_TIMEOUT_S = 120.0
-_SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"
+_SERVE = "import sys; from vaeserve.server.cli import main; sys.exit(main())"
 
 
 @dataclass

@@ -50,7 +50,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 
-_SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"  # vae-serve
+_SERVE = "import sys; from vaeserve.server.cli import main; sys.exit(main())"  # vae-serve
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 30.0
 MAX_MESSAGE = 64 << 20

@@ -183,7 +183,7 @@ def _pieces(spec: JobSpec, job: JobManifest, request_size: int) -> list[tuple[in
 
 def write_preview(source: SampleSource, spec: JobSpec, path: Path) -> None:
     """A PNG grid of the job's first samples: one row per class for a CVAE, else 10 columns."""
-    from vaeserve.training.images import save_grid
+    from vaeserve.images import save_grid
 
     # PREVIEW_COLUMNS periods of the label pattern hold at least that many of each class.
     periods = len(spec.label_pattern) if spec.label_pattern else _VAE_PREVIEW_ROWS

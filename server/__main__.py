@@ -2,6 +2,6 @@
 
 import sys
 
-from vaeserve.server.app import main
+from vaeserve.server.cli import main
 
 sys.exit(main())

@@ -36,7 +36,6 @@ from vaeserve.engine.runner import ProviderUnavailable, runner_factory
 from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.server.handlers import add_service
-from vaeserve.server.logs import configure_logging
 from vaeserve.server.metrics import MetricsEndpoint, ServerMetrics
 from vaeserve.server.observer import UNKNOWN_MODEL, RequestObserver
 from vaeserve.server.oip_servicer import GRAPHS, OipServicer
@@ -45,9 +44,8 @@ from vaeserve.server.repository import ModelRegistry, RepositoryError
 from vaeserve.server.security import BearerTokenInterceptor, read_token, server_credentials
 from vaeserve.server.servicer import VaeServicer
 from vaeserve.server.settings import ServerSettings
-from vaeserve.server.workers import supervise
 
-__all__ = ["ServiceAdder", "SERVICES", "VaeServer", "create_server", "serve", "run", "main"]
+__all__ = ["ServiceAdder", "SERVICES", "VaeServer", "create_server", "serve", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -341,15 +339,6 @@ def keep_freed_memory() -> bool:
     return bool(
         libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``vae-serve`` command."""
-    settings = ServerSettings.from_args(argv)
-    configure_logging(settings.log_level, settings.log_format)
-    if settings.workers > 1:
-        return supervise(settings)
-    return run(settings)
 
 
 def run(

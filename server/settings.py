@@ -198,9 +198,9 @@ def _models(text: str) -> tuple[str, ...]:
 
 _FLAGS = (
     _Flag("repository", Path, "model repository: <dir>/<name>/<version>/manifest.json"),
-    _Flag("models", _models, "comma-separated model names to serve (default: all)"),
-    _Flag("host", str, "address to bind (default 127.0.0.1; 0.0.0.0 in a container)"),
-    _Flag("port", int, "port to bind; 0 picks a free one (default 8001)"),
+    _Flag("models", _models, "comma-separated model names to serve; empty: all"),
+    _Flag("host", str, "address to bind (0.0.0.0 in a container)"),
+    _Flag("port", int, "port to bind; 0 picks a free one"),
     _Flag("device", str, "onnxruntime device: auto (CUDA if available), cpu or cuda"),
     _Flag("intra_op_threads", int, "onnxruntime threads within one run; 0: per core"),
     _Flag("inter_op_threads", int, "onnxruntime threads across graph nodes; 0: default"),
@@ -210,9 +210,13 @@ _FLAGS = (
     _Flag("max_stream_chunk_size", int, "most samples per streamed answer"),
     _Flag("max_message_bytes", int, "gRPC message size limit, both directions"),
     _Flag("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM"),
-    _Flag("log_level", str, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
-    _Flag("log_format", str, "text, or json: one object per line (default text)"),
-    _Flag("metrics_port", int, "serve Prometheus metrics at :PORT/metrics (default off)"),
+    _Flag("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+    _Flag("log_format", str, "text, or json: one object per line"),
+    _Flag(
+        "metrics_port",
+        int,
+        "serve Prometheus metrics at :PORT/metrics (0: any free port); unset: off",
+    ),
     _Flag("tls_cert", Path, "PEM certificate chain: serve TLS (needs --tls-key)"),
     _Flag("tls_key", Path, "PEM private key of --tls-cert"),
     _Flag("tls_client_ca", Path, "PEM CA bundle: require client certificates it signed"),
@@ -230,13 +234,13 @@ _FLAGS = (
     _Flag(
         "instances",
         int,
-        "graph runs in flight at once, each single-threaded when > 1; 0 (default): one per "
+        "graph runs in flight at once, each single-threaded when > 1; 0: one per "
         "onnxruntime thread on CPU, 1 on CUDA",
     ),  # fmt: skip
     _Flag(
         "queue_delay_policy",
         str,
-        "adaptive (default): wait the queue delay only while recent batches were shared; "
+        "adaptive: wait the queue delay only while recent batches were shared; "
         "always: every batch may wait it",
     ),  # fmt: skip
 )
@@ -279,6 +283,14 @@ def _build(values: Mapping[str, Any]) -> ServerSettings:
     return ServerSettings(**server, batching=batching)
 
 
+def _shown_default(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(value) or "all"
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vae-serve`` argument parser; defaults are filled in by ``from_args``."""
     parser = argparse.ArgumentParser(
@@ -286,9 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve VAE/CVAE models from a model repository over gRPC.",
         epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}PORT=8001.",
     )
+    defaults = _defaults()
     for flag in _FLAGS:
         option = "--" + flag.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": flag.name, "type": flag.parse, "help": flag.help}
+        # argparse's %(default)s would show None: defaults are applied after env variables.
+        shown = _shown_default(defaults.get(flag.name)).replace("%", "%%")
+        help_text = f"{flag.help} [default: {shown}; env {_env_name(flag)}]"
+        kwargs: dict[str, Any] = {"dest": flag.name, "type": flag.parse, "help": help_text}
         if flag.name == "device":
             kwargs["choices"] = DEVICES
         if flag.name == "models":

@@ -42,7 +42,7 @@ _POLL_S = 0.1  # how often the supervisor looks at its workers
 # After the grace period, how long workers get to close their batchers and exit before SIGKILL.
 _EXIT_MARGIN_S = 10.0
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_WORKER = "import sys; from server.workers import worker_main; sys.exit(worker_main())"
+_WORKER = "import sys; from vaeserve.server.workers import worker_main; sys.exit(worker_main())"
 
 
 def worker_settings(settings: ServerSettings, port: int, index: int) -> ServerSettings:

@@ -23,7 +23,7 @@ CVAE = "tiny-cvae"
 VAE = "tiny-vae"
 START_TIMEOUT_S = 60.0
 _REPOSITORY: list[Path] = []
-_SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"  # vae-serve
+_SERVE = "import sys; from vaeserve.server.cli import main; sys.exit(main())"  # vae-serve
 
 
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:

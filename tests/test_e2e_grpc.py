@@ -635,7 +635,7 @@ def test_sigterm_drains_and_exits_0_without_ever_importing_torch(repository, ref
     from client_fixtures import OutputLines
 
     code = (
-        "import sys; from vaeserve.server.app import main; rc = main(); "
+        "import sys; from vaeserve.server.cli import main; rc = main(); "
         "sys.exit(rc or (3 if 'torch' in sys.modules else 0))"
     )
     command = [

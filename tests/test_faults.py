@@ -42,7 +42,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # A batch closes only once it is full: requests stay queued until a test fills it.
 HOLD_MS = 10_000.0
 ROWS = 64  # max_batch_size of the servers that hold batches
-_SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"  # vae-serve
+_SERVE = "import sys; from vaeserve.server.cli import main; sys.exit(main())"  # vae-serve
 
 
 @pytest.fixture(scope="module")

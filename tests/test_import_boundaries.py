@@ -47,4 +47,4 @@ def test_the_serve_extra_does_not_depend_on_torch():
     project = pyproject["project"]
     serve = project["optional-dependencies"]["serve"] + project["dependencies"]
     assert not [d for d in serve if d.lower().startswith(FORBIDDEN)], serve
-    assert project["scripts"]["vae-serve"] == "vaeserve.server.app:main"
+    assert project["scripts"]["vae-serve"] == "vaeserve.server.cli:main"

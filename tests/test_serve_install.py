@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from build_context import build_context
 from export_fixtures import save_tiny_checkpoint, tiny_config
 from test_deployment import deploy_health_checks
 
@@ -30,27 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 _PIP_TIMEOUT_S = 240
 
 
-def _build_context(dest: Path) -> Path:
-    """The files .dockerignore lets into the image build, copied to ``dest``."""
-    lines = (ROOT / ".dockerignore").read_text().splitlines()
-    allowed = [ln[1:] for ln in lines if ln.startswith("!")]
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for pattern in allowed:
-        for path in ROOT.glob(pattern):
-            target = dest / path.relative_to(ROOT)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_dir():
-                shutil.copytree(path, target, ignore=ignore)
-            else:
-                shutil.copy2(path, target)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def serve_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding `.[serve]` under the image's pins; its bin/ folder."""
     tmp = tmp_path_factory.mktemp("serve-install")
-    context = _build_context(tmp / "context")
+    context = build_context(tmp / "context")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # pip's cache is shared with the developer's: a warm run installs in seconds.

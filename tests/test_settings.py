@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +141,25 @@ def test_reload_interval_has_the_short_flag_too():
     s = ServerSettings.from_args(["--reload-interval", "15"], environ={"VAESERVE_REPOSITORY": "r"})
     assert s.reload_interval_s == 15.0
     assert ServerSettings.from_env({"VAESERVE_REPOSITORY": "r"}).metrics_port is None
+
+
+def test_help_shows_every_default_and_its_variable():
+    # The installed console script, as an operator reads it; a wide COLUMNS keeps argparse from
+    # wrapping inside a "[default: ...; env ...]" note.
+    script = shutil.which("vae-serve", path=str(Path(sys.executable).parent))
+    assert script, "vae-serve is not installed beside this interpreter"
+    out = subprocess.run(
+        [script, "--help"], capture_output=True, text=True, check=True, timeout=60,
+        env={**os.environ, "COLUMNS": "400"},
+    ).stdout  # fmt: skip
+    # An option whose name is long gets its help on the next line: match up to the next option.
+    note = r"^  --([a-z-]+)(?:(?!^  -).)*?\[default: ([^;\]]*); env ([A-Z_]+)\]"
+    notes = re.findall(note, out, re.M | re.S)
+    assert sorted(flag for flag, _, _ in notes) == sorted(n.replace("_", "-") for n in EVERY_FLAG)
+    defaults = ServerSettings.from_env({}, repository="r")
+    for flag, shown, variable in notes:
+        name = flag.replace("-", "_")
+        assert variable == "VAESERVE_" + name.upper()
+        value = None if name == "repository" else _value(defaults, name)
+        expected = "none" if value is None else "all" if value == () else str(value)
+        assert shown == expected, f"--{flag}: help says {shown!r}, the default is {value!r}"

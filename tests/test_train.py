@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from vaeserve.images import make_grid, save_grid
 from vaeserve.training import evaluate, train
 from vaeserve.training.checkpoint import load_checkpoint
 from vaeserve.training.config import TrainConfig
-from vaeserve.training.images import make_grid, save_grid
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -185,8 +185,8 @@ def test_cvae_on_unlabelled_data_is_an_error(tmp_path):
 
 
 def test_grid_writer_imports_no_torch():
-    # Serving and client code may reuse training.images; a serving install has no torch.
-    code = "import sys, vaeserve.training.images; print('torch' in sys.modules)"
+    # Serving and client code may reuse vaeserve.images; a serving install has no torch.
+    code = "import sys, vaeserve.images; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

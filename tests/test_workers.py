@@ -27,7 +27,7 @@ from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
 from vaeserve.server.settings import BatchingSettings, ServerSettings
 from vaeserve.server.workers import decode_settings, encode_settings, worker_settings
 
-_SERVE = "import sys; from vaeserve.server.app import main; sys.exit(main())"  # vae-serve
+_SERVE = "import sys; from vaeserve.server.cli import main; sys.exit(main())"  # vae-serve
 GRACE_S = 5.0
 EXIT_S = GRACE_S + 15.0  # the supervisor's own bound (grace + 10 s), plus slack for load
 T = 30.0  # per-call timeout: a hung server fails the test instead of hanging it

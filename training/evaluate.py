@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vaeserve.images import save_grid
 from vaeserve.training.checkpoint import CHECKPOINT_NAME, load_model
 from vaeserve.training.data import DatasetSplits, Split, load_dataset
-from vaeserve.training.images import save_grid
 from vaeserve.training.losses import evaluate_bounds
 from vaeserve.training.model import VAE
 
