@@ -9,6 +9,7 @@ pyproject.toml; it walks that installed copy, because the source tree's package-
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,6 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import grimp
 import pytest
 from build_context import ROOT, build_context
 from packaging.requirements import Requirement
@@ -161,20 +161,31 @@ def test_a_broken_layer_is_caught(
     assert broken in broken_section, proc.stdout
 
 
+_REACHED = """
+import json, sys
+import grimp
+parts = tuple(sys.argv[1:])
+graph = grimp.build_graph("vaeserve", include_external_packages=True, cache_dir=None)
+assert graph.find_modules_directly_imported_by("vaeserve.server.cli"), "walked the wrong tree"
+reached = set()
+for module in graph.modules:
+    if module.startswith(parts):
+        reached |= {module, *graph.find_upstream_modules(module)}
+print(json.dumps(sorted(m for m in reached if not m.startswith("vaeserve"))))
+"""
+
+
 def _imports_of(site: Path, parts: tuple[str, ...]) -> set[str]:
     """Top-level names of third-party modules that ``parts`` import, directly or through
     other vaeserve modules (function-level imports included: ``--local`` is a lazy import)."""
-    sys.path.insert(0, str(site))
-    try:
-        graph = grimp.build_graph("vaeserve", include_external_packages=True, cache_dir=None)
-    finally:
-        sys.path.remove(str(site))
-    assert graph.find_modules_directly_imported_by("vaeserve.server.cli"), "walked the wrong tree"
-    reached = set()
-    for module in graph.modules:
-        if module.startswith(parts):
-            reached |= {module, *graph.find_upstream_modules(module)}
-    return {m for m in reached if not m.startswith("vaeserve")} - set(sys.stdlib_module_names)
+    # A fresh process: in this one, `vaeserve` may already be imported from the source tree.
+    proc = subprocess.run(
+        [sys.executable, "-c", _REACHED, *parts],
+        cwd=site, env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout)) - set(sys.stdlib_module_names)
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:
