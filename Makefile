@@ -36,7 +36,7 @@ check: layers
 # The layer rule (pyproject's [tool.importlinter]) on the built wheel: the package-dir mapping
 # hides the parts from a walk of the source tree, so lint the installed layout instead.
 layers: $(STAMP)
-	rm -rf build/layers
+	rm -rf build  # setuptools reuses build/lib: a deleted module would still ship
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w build/layers .
 	$(BIN)/python -m zipfile -e build/layers/vaeserve-*.whl build/layers/site
 	cd build/layers/site && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml --no-cache

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,50 +26,32 @@ from vaeserve.client.shards import (
 )
 from vaeserve.client.sources import SampleSource
 
-__all__ = ["KillSwitch", "JobResult", "verify_finished", "run_job", "write_preview"]
+__all__ = ["JobEvents", "JobResult", "verify_finished", "run_job", "write_preview"]
 
 log = logging.getLogger(__name__)
 
-KILL_ENV = "VAE_GENERATE_TEST_KILL"
 PREVIEW_COLUMNS = 10
 _VAE_PREVIEW_ROWS = 4
 
 
-@dataclass
-class KillSwitch:
-    """Test-only: SIGKILL this process at a chosen point, as a crash or ``kill -9`` would.
+def _ignore(_: int) -> None:
+    pass
 
-    Set from ``VAE_GENERATE_TEST_KILL``: ``samples:M`` (once M samples were received by this
-    run, whether or not their shard is written), ``write:K`` (shard K is on disk under its
-    temporary name, not yet renamed) or ``record:K`` (shard K renamed, not yet in job.json).
+
+@dataclass(frozen=True)
+class JobEvents:
+    """What ``run_job`` reports as it goes, each with a count or a shard index.
+
+    A progress bar or a metrics exporter listens to ``samples_received``; the shard events mark
+    the points between a shard's steps where a crash leaves a different state on disk (the
+    crash tests SIGKILL the process from one of them and resume). Callbacks run on the job's
+    threads and must be quick; what they raise fails the job as a failed write would.
     """
 
-    point: str | None = None
-    value: int = 0
-    received: int = 0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> KillSwitch:
-        text = env.get(KILL_ENV)
-        if not text:
-            return cls()
-        point, _, value = text.partition(":")
-        if point not in ("samples", "write", "record") or not value.isdigit():
-            raise ValueError(f"{KILL_ENV}: expected samples:M, write:K or record:K, got {text!r}")
-        return cls(point, int(value))
-
-    def add_samples(self, n: int) -> None:
-        self.received += n
-        if self.point == "samples" and self.received >= self.value:
-            _die()
-
-    def at(self, point: str, shard: int) -> None:
-        if self.point == point and self.value == shard:
-            _die()
-
-
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    samples_received: Callable[[int], None] = _ignore  # a piece arrived, not yet written
+    shard_written: Callable[[int], None] = _ignore  # on disk under its temporary name
+    shard_published: Callable[[int], None] = _ignore  # renamed, not yet in job.json
+    shard_recorded: Callable[[int], None] = _ignore  # listed in job.json
 
 
 @dataclass(frozen=True)
@@ -109,8 +89,7 @@ def run_job(
     *,
     request_size: int,
     concurrency: int,
-    on_progress: Callable[[int], None] = lambda n: None,
-    kill: KillSwitch | None = None,
+    events: JobEvents = JobEvents(),
 ) -> JobResult:
     """Produce the shards ``job`` lacks, recording each in job.json; mark the job complete.
 
@@ -118,7 +97,7 @@ def run_job(
         Whatever ``source.fetch`` or a shard write raises (a fetch once its retries are
         spent); the shards finished so far stay recorded.
     """
-    spec, kill = job.spec, kill or KillSwitch()
+    spec = job.spec
     start_time, done_before = time.perf_counter(), job.samples_done
     pieces = deque(_pieces(spec, job, request_size))
     in_flight: deque[tuple[tuple[int, int, int], Future]] = deque()
@@ -133,11 +112,12 @@ def run_job(
             in_flight.append((piece, fetchers.submit(source.fetch, spec, piece[1], piece[2])))
 
     def write(shard: int, arrays: dict[str, np.ndarray]) -> None:
-        hook = functools.partial(kill.at, "write", shard)
+        hook = functools.partial(events.shard_written, shard)
         record = write_shard(out_dir, spec, shard, arrays, before_publish=hook)
-        kill.at("record", shard)
+        events.shard_published(shard)
         job.shards[shard] = record
         job.save(out_dir)
+        events.shard_recorded(shard)
         log.debug("wrote shard %s: samples [%d, %d)", record.path, record.start, record.stop)
 
     try:
@@ -148,8 +128,7 @@ def run_job(
             (shard, a, b), future = in_flight.popleft()
             parts.append(future.result())
             fetch_next()
-            on_progress(b - a)
-            kill.add_samples(b - a)
+            events.samples_received(b - a)
             if b == spec.shard_range(shard)[1]:
                 arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
                 parts = []

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vaeserve.errors import DeadlineExceeded, NotServing, QueueFull
-from vaeserve.server.batcher import COMPANY_MEMORY_S, INLINE_RUN_S, THREAD_PREFIX, DynamicBatcher
+from vaeserve.server.batch_policy import COMPANY_MEMORY_S, INLINE_RUN_S
+from vaeserve.server.batcher import THREAD_PREFIX, DynamicBatcher
 from vaeserve.server.settings import BatchingSettings
 
 WAIT_S = 10.0  # upper bound of any wait on the runner; never reached when the test passes

@@ -9,7 +9,6 @@ uninterrupted one. Disk full is a real tmpfs of a few shards when this process m
 
 from __future__ import annotations
 
-import os
 import random
 import resource
 import shutil
@@ -25,16 +24,12 @@ from client_fixtures import CVAE, OutputLines, serve
 from test_generate import _assert_same_files, _visible_shards_are_complete
 
 from vaeserve.client.generate import main
-from vaeserve.client.job import KILL_ENV
 from vaeserve.client.shards import JOB_FILE, read_job, verify_shard
 
 TIMEOUT_S = 60
 TRIALS = 10  # random-kill trials, each: kill, resume and kill again, resume to the end
-_COMMAND = [
-    sys.executable,
-    "-c",
-    "import sys; from vaeserve.client.generate import main; sys.exit(main())",
-]
+# vae-generate, SIGKILLed at a chosen point through the job's public events when asked.
+_KILLED = [sys.executable, str(Path(__file__).with_name("killed_job.py"))]
 # 12 shards (the last one short) of 250 samples, fetched 20 at a time: ~150 requests.
 JOB = ["--num", "2900", "--shard-size", "250", "--request-size", "20", "--seed", "5"]
 JOB += ["--concurrency", "2", "--no-progress"]
@@ -50,20 +45,15 @@ def _args(served, out: Path, *extra: str) -> list[str]:
     return ["--server", served.address, "--model", CVAE, "--out", str(out), *JOB, *extra]
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != KILL_ENV}
-
-
 class Run:
     """vae-generate in a child process, its log lines read as they come."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, preexec=None):
+    def __init__(self, args: list[str], kill_at: str = "none", preexec=None):
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [*_COMMAND, *args, "--log-level", "INFO"],
+            [*_KILLED, kill_at, *args, "--log-level", "INFO"],
             stderr=subprocess.PIPE,
             text=True,
-            env=env or _env(),
             preexec_fn=preexec,
         )
         self.output = OutputLines(self.process)
@@ -184,7 +174,7 @@ def test_a_file_size_limit_stops_the_job_with_a_clear_error_and_keeps_finished_s
     served, reference, tmp_path
 ):
     out = tmp_path / "job"
-    killed = Run(_args(served, out), env={**_env(), KILL_ENV: "write:3"})
+    killed = Run(_args(served, out), kill_at="written:3")
     assert killed.wait() == -signal.SIGKILL  # shards 0-2 recorded, 3 written, not published
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith("shard-")}
     limited = Run(_args(served, out), preexec=_file_size_limit(SHARD_BYTES // 2))
