@@ -19,7 +19,7 @@ from export_fixtures import save_tiny_checkpoint, tiny_config
 
 from vaeserve.export import onnx_export
 from vaeserve.manifest import list_versions
-from vaeserve.training import evaluate, train
+from vaeserve.training import cli, evaluate
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -71,7 +71,7 @@ def test_vae_train_on_a_bad_data_file_is_one_clear_line(tmp_path, capsys, arrays
     data = _npz(tmp_path / "bad.npz", **arrays)
     out = tmp_path / "run"
     args = ["--dataset", data, "--model", "cvae" if "y" in arrays else "vae", "--out", str(out)]
-    code, err = _exit_message(capsys, lambda: train.main([*args, *TINY]))
+    code, err = _exit_message(capsys, lambda: cli.main([*args, *TINY]))
     assert code == 2
     assert message in _one_line(err, "vae-train: error: ") and "bad.npz" in err
     assert not out.exists() or not any(out.iterdir())
@@ -97,7 +97,7 @@ def test_a_damaged_checkpoint_is_one_clear_line(tmp_path, capsys, how, command):
         prefix = "vae-eval: error: "
     else:
         argv = ["--out", str(run), "--resume", "--epochs", "2", "--no-progress"]
-        code, err = _exit_message(capsys, lambda: train.main(argv))
+        code, err = _exit_message(capsys, lambda: cli.main(argv))
         prefix = "vae-train: error: "
     assert code == 2
     assert "checkpoint.pt: not a readable checkpoint" in _one_line(err, prefix)
@@ -109,7 +109,7 @@ def test_vae_train_refuses_an_output_path_that_is_not_a_folder(tmp_path, capsys,
     (tmp_path / "taken").write_text("mine")
     out = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "run"
     argv = ["--dataset", "digits", "--out", str(out), *TINY]
-    code, err = _exit_message(capsys, lambda: train.main(argv))
+    code, err = _exit_message(capsys, lambda: cli.main(argv))
     assert code == 2 and "--out" in _one_line(err, "vae-train: error: ")
     assert (tmp_path / "taken").read_text() == "mine"
 

@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 BIN = Path(sys.executable).parent
 SCRIPTS = {
-    "vae-train": "vaeserve.training.train:main",
+    "vae-train": "vaeserve.training.cli:main",
     "vae-eval": "vaeserve.training.evaluate:main",
     "vae-export": "vaeserve.export.onnx_export:main",
     "vae-serve": "vaeserve.server.cli:main",

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vaeserve.images import make_grid, save_grid
-from vaeserve.training import evaluate, train
+from vaeserve.training import cli, evaluate, train
 from vaeserve.training.checkpoint import load_checkpoint
 from vaeserve.training.config import TrainConfig
 
@@ -27,7 +27,7 @@ def _png_size(path):
 
 
 def _train_cli(out, *args):
-    return train.main(["--out", str(out), *TINY_ARGS, "--log-level", "WARNING", *args])
+    return cli.main(["--out", str(out), *TINY_ARGS, "--log-level", "WARNING", *args])
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_resume_keeps_the_stored_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _train_cli(tmp_path, "--epochs", "2")
     assert "already holds checkpoint.pt" in capsys.readouterr().err
-    assert train.main(["--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert cli.main(["--out", str(tmp_path), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 2
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from vaeserve.training.train import main
+from vaeserve.training.cli import main
 
 sys.exit(main())

@@ -1,11 +1,10 @@
 """The training loop: data → model → best-validation checkpoint, metrics.json and PNG grids.
 
-Run: vae-train --dataset digits --model vae --out runs/vae
+The command line, `vae-train`, is training/cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -27,22 +26,13 @@ from vaeserve.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vaeserve.training.config import (
-    ARCHS,
-    BINARIZE_MODES,
-    CONDITIONINGS,
-    DEFAULT_HIDDEN_DIMS,
-    DEVICES,
-    KINDS,
-    LIKELIHOODS,
-    TrainConfig,
-)
+from vaeserve.training.config import TrainConfig
 from vaeserve.training.data import DatasetSplits, Split, load_dataset
 from vaeserve.training.evaluate import evaluate_model, finite_metrics, resolve_device, write_grids
 from vaeserve.training.losses import elbo_terms, iwae_bound, training_loss
 from vaeserve.training.model import VAE, build_model
 
-__all__ = ["RESUMABLE", "main", "resume_config", "train"]
+__all__ = ["RESUMABLE", "resume_config", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -308,66 +298,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomically(path, lambda f: f.write(text.encode()))
 
 
-def _parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    # Options left out stay unset (SUPPRESS), so that --resume can tell what was asked for.
-    p = argparse.ArgumentParser(
-        prog="vae-train",
-        description="Train a VAE or CVAE.",
-        argument_default=argparse.SUPPRESS,
-    )
-    p.add_argument(
-        "--dataset", help=f"digits | mnist:DIR | fashion-mnist:DIR | npz:PATH ({d.dataset})"
-    )
-    p.add_argument("--model", choices=KINDS, help=f"({d.model})")
-    p.add_argument("--conditioning", choices=CONDITIONINGS, help="CVAE only (concat)")
-    p.add_argument("--likelihood", choices=LIKELIHOODS, help=f"({d.likelihood})")
-    p.add_argument("--binarize", choices=BINARIZE_MODES, help="(static for bernoulli, else none)")
-    p.add_argument("--arch", choices=ARCHS, help=f"({d.arch})")
-    p.add_argument("--latent-dim", type=int, help=f"({d.latent_dim})")
-    p.add_argument(
-        "--hidden-dims",
-        type=int,
-        nargs="+",
-        help="MLP widths or conv channels "
-        f"({' '.join(map(str, DEFAULT_HIDDEN_DIMS['mlp']))} for mlp, "
-        f"{' '.join(map(str, DEFAULT_HIDDEN_DIMS['conv']))} for conv)",
-    )
-    p.add_argument(
-        "--gaussian-sigma", type=float, help=f"σ of --likelihood gaussian ({d.gaussian_sigma})"
-    )
-    p.add_argument("--epochs", type=int, help=f"({d.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"({d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate ({d.lr})")
-    p.add_argument("--beta", type=float, help=f"KL weight, 1 is the ELBO ({d.beta})")
-    p.add_argument("--kl-warmup-epochs", type=int, help=f"({d.kl_warmup_epochs})")
-    p.add_argument(
-        "--iwae-k",
-        type=int,
-        dest="train_k",
-        metavar="K",
-        help=f"samples of the IWAE objective; 1 is the ELBO ({d.train_k})",
-    )
-    p.add_argument("--eval-k", type=int, help=f"importance samples of the test NLL ({d.eval_k})")
-    p.add_argument("--seed", type=int, help=f"({d.seed})")
-    p.add_argument("--device", choices=DEVICES, help=f"({d.device})")
-    p.add_argument("--num-threads", type=int, help="torch threads (torch's default)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        default=False,
-        help="continue the run in --out; only "
-        + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
-        + " may be given with it",
-    )
-    p.add_argument(
-        "--no-progress", action="store_true", default=False, help="hide the progress bar"
-    )
-    p.add_argument("--log-level", default="INFO", help="(INFO)")
-    return p
-
-
 def resume_config(out_dir: str | os.PathLike, **changes: Any) -> TrainConfig:
     """Returns the stored TrainConfig of the run in `out_dir` with `changes` applied.
 
@@ -384,21 +314,3 @@ def resume_config(out_dir: str | os.PathLike, **changes: Any) -> TrainConfig:
         )
     stored = load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
     return TrainConfig.from_dict(stored.train_config).replace(**changes)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `vae-train`."""
-    parser = _parser()
-    args = vars(parser.parse_args(argv))
-    out, resume = args.pop("out"), args.pop("resume")
-    progress, log_level = not args.pop("no_progress"), args.pop("log_level")
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if "hidden_dims" in args:
-        args["hidden_dims"] = tuple(args["hidden_dims"])
-    try:
-        config = resume_config(out, **args) if resume else TrainConfig(**args)
-        metrics = train(config, out, resume=resume, progress=progress)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.exit(2, f"vae-train: error: {exc}\n")
-    print(json.dumps(metrics, indent=2))
-    return 0
