@@ -36,6 +36,7 @@ from vaeserve.engine.runner import ProviderUnavailable, runner_factory
 from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.server.handlers import add_service
+from vaeserve.server.limits import RequestLimits
 from vaeserve.server.metrics import MetricsEndpoint, ServerMetrics
 from vaeserve.server.observer import UNKNOWN_MODEL, RequestObserver
 from vaeserve.server.oip_servicer import GRAPHS, OipServicer
@@ -65,14 +66,16 @@ def add_typed_api(
     server: grpc.aio.Server, registry: ModelRegistry, settings: ServerSettings
 ) -> Sequence[str]:
     service = pb.DESCRIPTOR.services_by_name["VaeService"]
-    return [add_service(server, service, VaeServicer(registry, settings))]
+    servicer = VaeServicer(registry, settings)
+    return [add_service(server, service, servicer, settings.max_request_fields)]
 
 
 def add_inference_protocol(
     server: grpc.aio.Server, registry: ModelRegistry, settings: ServerSettings
 ) -> Sequence[str]:
     service = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    return [add_service(server, service, OipServicer(registry, settings, registry.metrics))]
+    servicer = OipServicer(registry, settings, registry.metrics)
+    return [add_service(server, service, servicer, settings.max_request_fields)]
 
 
 SERVICES: tuple[ServiceAdder, ...] = (add_typed_api, add_inference_protocol)
@@ -230,6 +233,8 @@ async def create_server(
     ]
     if settings.auth_token_file is not None:
         guards.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
+    # Inside the token check: a caller without the token is never counted nor parsed.
+    guards.append(RequestLimits(settings.request_limits()))
     grpc_server = grpc.aio.server(
         interceptors=[*guards, *interceptors],
         options=[
@@ -237,6 +242,7 @@ async def create_server(
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             # A port in use is an error, not silently shared, unless our own workers share it.
             ("grpc.so_reuseport", int(reuse_port)),
+            *connection_options(settings),
         ],
     )
     names = [name for add in services for name in add(grpc_server, registry, settings)]
@@ -255,6 +261,25 @@ async def create_server(
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     return VaeServer(grpc_server, registry, health_servicer, names, port, settings), port
+
+
+def connection_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC's per-connection bounds: streams, pings, idle time and age."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    options = [
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Pings closer together than this, without data, are strikes; two strikes: GOAWAY.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(settings.min_ping_interval_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)),
+    ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+        ]
+    return options
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:

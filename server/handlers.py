@@ -77,15 +77,19 @@ def _large_fields(cls: Any) -> dict[protowire.Path, str]:
     return paths
 
 
-def _tolerant_parser(cls: Any) -> Callable[[bytes], Any]:
+def _tolerant_parser(cls: Any, max_fields: int) -> Callable[[bytes], Any]:
     type_name = cls.DESCRIPTOR.full_name
     paths = _large_fields(cls)
+    layout = protowire.layout_of(cls.DESCRIPTOR)
 
     def parse(data: bytes) -> Any:
+        # The bounded walk first: protobuf's parser holds the GIL for as long as it takes and
+        # allocates per sub-message, so it only sees messages of a bounded field count.
         try:
             if not paths:
+                protowire.check(data, layout, max_fields)
                 return cls.FromString(data)
-            rest, found = protowire.detach(data, paths)
+            rest, found = protowire.detach(data, paths, layout, max_fields)
             return DetachedRequest(
                 cls.FromString(rest), {paths[path]: views for path, views in found.items()}
             )
@@ -95,10 +99,13 @@ def _tolerant_parser(cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> str:
+def add_service(
+    server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any, max_fields: int
+) -> str:
     """Register ``servicer``'s methods for ``service`` (what the generated ``add_*_to_server``
-    does), with request parsing that turns undecodable bytes into INVALID_ARGUMENT and leaves
-    large bytes fields in gRPC's buffer (``DetachedRequest``).
+    does), with request parsing that turns undecodable bytes, or more than ``max_fields``
+    fields, into INVALID_ARGUMENT and leaves large bytes fields in gRPC's buffer
+    (``DetachedRequest``).
 
     Returns:
         The service's full name.
@@ -114,7 +121,7 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: A
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=_tolerant_parser(
-                message_factory.GetMessageClass(method.input_type)
+                message_factory.GetMessageClass(method.input_type), max_fields
             ),
             response_serializer=_serializer(message_factory.GetMessageClass(method.output_type)),
         )

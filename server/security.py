@@ -139,6 +139,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return _rejecting(await continuation(handler_call_details))
 
 
+def _unread(data: bytes) -> None:
+    return None
+
+
 def _rejecting(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that ends the call UNAUTHENTICATED."""
 
@@ -150,11 +154,9 @@ def _rejecting(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
         yield  # pragma: no cover - abort raises; the yield makes this an async generator
 
     if handler is None:  # an unknown method: still say UNAUTHENTICATED, not what exists
-        return grpc.unary_unary_rpc_method_handler(reject)
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+        return grpc.unary_unary_rpc_method_handler(reject, request_deserializer=_unread)
+    # The body of a call without the token is never parsed: it costs the server nothing.
+    kwargs = {"request_deserializer": _unread, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(reject, **kwargs)
     if handler.unary_stream:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vaeserve.info import Limits
+from vaeserve.server.limits import LimitSettings
 
 __all__ = [
     "DEVICES",
@@ -93,6 +94,18 @@ class ServerSettings:
     auth_token_file: Path | None = None  # every RPC but health needs "Bearer <its content>"
     reload_interval_s: float = 0.0  # rescan the repository this often; 0: on SIGHUP only
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT); see server/workers.py
+    # Bounds against hostile or runaway callers (server/limits.py, docs/reliability.md).
+    max_small_request_bytes: int = 64 << 10  # requests of the methods that carry no tensors
+    max_request_fields: int = 16384  # protobuf fields one request may hold, nested included
+    max_inflight_calls: int = 1024
+    max_inflight_request_bytes: int = 1 << 30
+    max_pending_answer_bytes: int = 512 * _MIB  # streamed answers written, not yet read
+    stream_stall_timeout_s: float = 30.0  # a stream whose client reads nothing is cut off
+    max_concurrent_streams: int = 256  # calls in progress on one connection
+    min_ping_interval_s: float = 10.0  # a client pinging more often is sent GOAWAY
+    max_connection_idle_s: float = 300.0  # a connection without calls is closed after this
+    max_connection_age_s: float = 3600.0  # 0: no limit; clients reconnect (load balancing)
+    max_connection_age_grace_s: float = 60.0  # in-progress calls may finish past the age
     batching: BatchingSettings = field(default_factory=BatchingSettings)
 
     def __post_init__(self) -> None:
@@ -126,6 +139,25 @@ class ServerSettings:
             self.reload_interval_s >= 0, "reload_interval_s", "seconds >= 0", self.reload_interval_s
         )
         _check(self.workers >= 1, "workers", "an integer >= 1", self.workers)
+        for name in ("max_small_request_bytes", "max_request_fields", "max_inflight_calls",
+                     "max_inflight_request_bytes", "max_pending_answer_bytes",
+                     "max_concurrent_streams"):  # fmt: skip
+            _check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in ("stream_stall_timeout_s", "min_ping_interval_s", "max_connection_idle_s"):
+            _check(getattr(self, name) > 0, name, "seconds > 0", getattr(self, name))
+        for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+            _check(getattr(self, name) >= 0, name, "seconds >= 0", getattr(self, name))
+
+    def request_limits(self) -> LimitSettings:
+        """The server-wide bounds of server/limits.py."""
+        return LimitSettings(
+            max_message_bytes=self.max_message_bytes,
+            max_small_request_bytes=self.max_small_request_bytes,
+            max_inflight_calls=self.max_inflight_calls,
+            max_inflight_request_bytes=self.max_inflight_request_bytes,
+            max_pending_answer_bytes=self.max_pending_answer_bytes,
+            stream_stall_timeout_s=self.stream_stall_timeout_s,
+        )
 
     def limits(self) -> Limits:
         """The bounds a request must keep, as ``GetModelInfo`` reports them."""
@@ -228,6 +260,17 @@ _FLAGS = (
         aliases=("--reload-interval",),
     ),  # fmt: skip
     _Flag("workers", int, "server processes sharing the port; >1: metrics on PORT+i each"),
+    _Flag("max_small_request_bytes", int, "largest request of a method that carries no tensors"),
+    _Flag("max_request_fields", int, "most protobuf fields in one request, nested included"),
+    _Flag("max_inflight_calls", int, "calls in progress before new ones get RESOURCE_EXHAUSTED"),
+    _Flag("max_inflight_request_bytes", int, "request bytes held by calls in progress, in all"),
+    _Flag("max_pending_answer_bytes", int, "streamed answer bytes not yet read by clients"),
+    _Flag("stream_stall_timeout_s", float, "cut off a stream whose client reads nothing this long"),
+    _Flag("max_concurrent_streams", int, "calls in progress on one connection"),
+    _Flag("min_ping_interval_s", float, "clients pinging more often than this get GOAWAY"),
+    _Flag("max_connection_idle_s", float, "close a connection without calls after this"),
+    _Flag("max_connection_age_s", float, "close connections after this (0: never)"),
+    _Flag("max_connection_age_grace_s", float, "time in-progress calls get past the age"),
     _Flag("max_batch_size", int, "rows per batched run; 1 switches batching off"),
     _Flag("max_queue_delay_ms", float, "how long a request may wait to share a batch"),
     _Flag("max_queue_size", int, "queued requests per graph before RESOURCE_EXHAUSTED"),

@@ -22,8 +22,11 @@ from vaeserve.server.handlers import (
     _tolerant_parser,
     detached_bytes,
 )
+from vaeserve.server.settings import ServerSettings
 from vaeserve.server.status import INTERNAL_MESSAGE, map_errors, status_of
 from vaeserve.tensors import to_array
+
+MAX_FIELDS = ServerSettings.max_request_fields  # the server's default bound
 
 
 class Aborted(Exception):
@@ -172,7 +175,7 @@ def test_tensor_requests_parse_with_their_data_detached_and_viewed():
         labels=[1, 2, 3],
     )
     raw = request.SerializeToString()
-    parsed = _tolerant_parser(pb.EncodeRequest)(raw)
+    parsed = _tolerant_parser(pb.EncodeRequest, MAX_FIELDS)(raw)
     assert isinstance(parsed, DetachedRequest)
     assert parsed.model.name == "digits" and list(parsed.labels) == [1, 2, 3]
     assert parsed.x.data == b"" and list(parsed.x.shape) == [3, 4]  # the rest was parsed
@@ -186,7 +189,7 @@ def test_tensor_requests_parse_with_their_data_detached_and_viewed():
 def test_open_inference_raw_inputs_are_detached_in_order():
 
     request = oip.ModelInferRequest(model_name="m", raw_input_contents=[b"abcd", b"", b"ef"])
-    parsed = _tolerant_parser(oip.ModelInferRequest)(request.SerializeToString())
+    parsed = _tolerant_parser(oip.ModelInferRequest, MAX_FIELDS)(request.SerializeToString())
     assert parsed.model_name == "m" and len(parsed.raw_input_contents) == 0
     # protobuf writes the empty entry too: every occurrence is kept, in wire order
     assert [bytes(v) for v in detached_bytes(parsed, "raw_input_contents")] == [
@@ -206,7 +209,7 @@ def test_open_inference_raw_inputs_are_detached_in_order():
 )
 def test_malformed_tensor_requests_become_malformed_request(raw):
 
-    parsed = _tolerant_parser(pb.EncodeRequest)(raw)
+    parsed = _tolerant_parser(pb.EncodeRequest, MAX_FIELDS)(raw)
     assert isinstance(parsed, MalformedRequest)
     assert parsed.message.startswith("the request is not a valid vaeserve.v1.EncodeRequest")
 
@@ -214,7 +217,7 @@ def test_malformed_tensor_requests_become_malformed_request(raw):
 def test_requests_without_large_fields_parse_as_plain_messages():
 
     request = pb.SampleRequest(model=pb.ModelRef(name="m"), num_samples=3)
-    parsed = _tolerant_parser(pb.SampleRequest)(request.SerializeToString())
+    parsed = _tolerant_parser(pb.SampleRequest, MAX_FIELDS)(request.SerializeToString())
     assert type(parsed) is pb.SampleRequest and parsed == request
 
 

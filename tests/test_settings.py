@@ -76,6 +76,17 @@ EVERY_FLAG = {
     "auth_token_file": ("/run/secrets/token", Path("/run/secrets/token")),
     "reload_interval_s": ("30", 30.0),
     "workers": ("2", 2),
+    "max_small_request_bytes": ("1024", 1024),
+    "max_request_fields": ("100", 100),
+    "max_inflight_calls": ("7", 7),
+    "max_inflight_request_bytes": ("1000000", 1_000_000),
+    "max_pending_answer_bytes": ("2000000", 2_000_000),
+    "stream_stall_timeout_s": ("5", 5.0),
+    "max_concurrent_streams": ("9", 9),
+    "min_ping_interval_s": ("2.5", 2.5),
+    "max_connection_idle_s": ("60", 60.0),
+    "max_connection_age_s": ("0", 0.0),
+    "max_connection_age_grace_s": ("4", 4.0),
 }
 
 

@@ -16,6 +16,13 @@ The protobuf wire format makes both directions cheap without leaving the format:
 
 Field paths are tuples of field numbers from the top-level message down to the bytes field,
 e.g. ``(SampleResponse.samples, Tensor.data)``; every step but the last names a message field.
+
+Reading is bounded (a request is hostile until checked): the walk visits every field of every
+sub-message, guided by the message's ``Layout``, and stops at ``max_fields`` fields or
+``MAX_DEPTH`` levels. Its cost is linear in the fields it visits, so a message of millions of
+2-byte fields costs a few milliseconds before it is refused, and protobuf's own parser, which
+holds the GIL and allocates an object per sub-message, is only ever given a message whose
+field count is bounded.
 """
 
 from __future__ import annotations
@@ -26,7 +33,12 @@ from typing import Any
 from vaeserve.errors import MalformedMessage
 
 __all__ = [
+    "MAX_DEPTH",
+    "Layout",
     "MalformedMessage",
+    "TooManyFields",
+    "check",
+    "layout_of",
     "varint",
     "bytes_field",
     "serialize",
@@ -39,6 +51,43 @@ _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 _FIXED_SIZES = {_FIXED64: 8, _FIXED32: 4}
 Path = tuple[int, ...]
 Buffer = Any  # anything with the buffer protocol: bytes, memoryview, a C-contiguous array
+# Sub-messages nested deeper than this are refused; our messages nest at most 4 levels.
+MAX_DEPTH = 16
+# A message's layout for the walk: the numbers of its message fields (maps included), each
+# with the layout of its type; other fields are scalars, strings, bytes or packed arrays.
+Layout = dict[int, "Layout"]
+
+
+class TooManyFields(MalformedMessage):
+    """The message holds more fields than the reader's bound."""
+
+
+def layout_of(descriptor: Any, _done: dict[str, Layout] | None = None) -> Layout:
+    """The walk's layout of a message type, from its descriptor (recursive types share dicts)."""
+    done = {} if _done is None else _done
+    if descriptor.full_name in done:
+        return done[descriptor.full_name]
+    layout: Layout = {}
+    done[descriptor.full_name] = layout
+    for field in descriptor.fields:
+        if field.message_type is not None:
+            layout[field.number] = layout_of(field.message_type, done)
+    return layout
+
+
+class _Budget:
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int):
+        self.left = self.limit = limit
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise TooManyFields(
+                f"the message holds more than {self.limit} fields, this server's bound: send "
+                "tensors as bytes or packed repeated fields, not one field per value"
+            )
 
 
 def field_path(message_class: type, *names: str) -> Path:
@@ -118,8 +167,15 @@ def _bytes_view(chunk: Buffer) -> memoryview:
     return view.cast("B") if view.nbytes else memoryview(b"")
 
 
-def detach(raw: Buffer, paths: Collection[Path]) -> tuple[bytes, dict[Path, list[memoryview]]]:
+def detach(
+    raw: Buffer, paths: Collection[Path], layout: Layout | None = None, max_fields: int = 1 << 62
+) -> tuple[bytes, dict[Path, list[memoryview]]]:
     """``raw`` without the bytes fields at ``paths``, and those fields as views of ``raw``.
+
+    Args:
+        layout: the message type's ``layout_of``: sub-messages are walked and counted too
+            (without it only the levels along ``paths`` are).
+        max_fields: the most fields the walk visits, in all, before it refuses the message.
 
     Returns:
         (rest, fields): ``rest`` is a well-formed message of the same type holding everything
@@ -128,54 +184,95 @@ def detach(raw: Buffer, paths: Collection[Path]) -> tuple[bytes, dict[Path, list
         occur is absent. The views keep ``raw`` alive.
 
     Raises:
-        MalformedMessage: truncated data, a length past the end, or a group/unknown wire type.
+        MalformedMessage: truncated data, a length past the end, a group/unknown wire type,
+            or nesting deeper than ``MAX_DEPTH``.
+        TooManyFields: more than ``max_fields`` fields.
     """
     view = memoryview(raw).cast("B")
     found: dict[Path, list[memoryview]] = {}
-    rest = _detach(view, tuple(paths), (), found)
+    rest = _detach(view, tuple(paths), (), found, layout or {}, _Budget(max_fields))
     return bytes(rest), found
 
 
+def check(raw: Buffer, layout: Layout, max_fields: int) -> None:
+    """Walk ``raw`` as ``detach`` does, taking nothing out: its structure and field count.
+
+    Raises:
+        MalformedMessage, TooManyFields: as ``detach``.
+    """
+    _walk(memoryview(raw).cast("B"), layout, _Budget(max_fields), 0)
+
+
 def _detach(
-    view: memoryview, paths: tuple[Path, ...], prefix: Path, found: dict[Path, list[memoryview]]
+    view: memoryview,
+    paths: tuple[Path, ...],
+    prefix: Path,
+    found: dict[Path, list[memoryview]],
+    layout: Layout,
+    budget: _Budget,
 ) -> bytearray:
     depth = len(prefix)
+    if depth > MAX_DEPTH:
+        raise MalformedMessage(f"sub-messages nest more than {MAX_DEPTH} levels deep")
     # Field numbers to take out here, and those to descend into (with the deeper paths).
     leaves = {p[depth] for p in paths if len(p) == depth + 1}
     inner = {p[depth] for p in paths if len(p) > depth + 1}
     rest = bytearray()
     pos, end = 0, len(view)
     while pos < end:
+        budget.spend()
         start = pos
-        key, pos = _read_varint(view, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == _VARINT:
-            _, pos = _read_varint(view, pos)
-        elif wire_type in _FIXED_SIZES:
-            pos += _FIXED_SIZES[wire_type]
-        elif wire_type == _LENGTH:
-            length, body = _read_varint(view, pos)
-            pos = body + length
-            if pos > end:
-                raise MalformedMessage(
-                    f"field {number} is {length} bytes long, past the end of the message"
-                )
+        number, wire_type, body, pos = _read_field(view, pos, end)
+        if wire_type == _LENGTH:
             if number in leaves:
                 found.setdefault((*prefix, number), []).append(view[body:pos])
                 continue
             if number in inner:
                 deeper = tuple(p for p in paths if len(p) > depth + 1 and p[depth] == number)
-                content = _detach(view[body:pos], deeper, (*prefix, number), found)
-                rest += varint(key)
+                child = layout.get(number, {})
+                content = _detach(view[body:pos], deeper, (*prefix, number), found, child, budget)
+                rest += varint(number << 3 | _LENGTH)
                 rest += varint(len(content))
                 rest += content
                 continue
-        else:
-            raise MalformedMessage(f"field {number} has wire type {wire_type}, which is not read")
-        if pos > end:
-            raise MalformedMessage(f"field {number} runs past the end of the message")
+            if number in layout:
+                _walk(view[body:pos], layout[number], budget, depth + 1)
         rest += view[start:pos]
     return rest
+
+
+def _walk(view: memoryview, layout: Layout, budget: _Budget, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise MalformedMessage(f"sub-messages nest more than {MAX_DEPTH} levels deep")
+    pos, end = 0, len(view)
+    while pos < end:
+        budget.spend()
+        number, wire_type, body, pos = _read_field(view, pos, end)
+        if wire_type == _LENGTH and number in layout:
+            _walk(view[body:pos], layout[number], budget, depth + 1)
+
+
+def _read_field(view: memoryview, pos: int, end: int) -> tuple[int, int, int, int]:
+    """(field number, wire type, start of a length-delimited body, end of the field)."""
+    key, pos = _read_varint(view, pos)
+    number, wire_type = key >> 3, key & 7
+    body = pos
+    if wire_type == _VARINT:
+        _, pos = _read_varint(view, pos)
+    elif wire_type in _FIXED_SIZES:
+        pos += _FIXED_SIZES[wire_type]
+    elif wire_type == _LENGTH:
+        length, body = _read_varint(view, pos)
+        pos = body + length
+        if pos > end:
+            raise MalformedMessage(
+                f"field {number} is {length} bytes long, past the end of the message"
+            )
+    else:
+        raise MalformedMessage(f"field {number} has wire type {wire_type}, which is not read")
+    if pos > end:
+        raise MalformedMessage(f"field {number} runs past the end of the message")
+    return number, wire_type, body, pos
 
 
 def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:

@@ -1,0 +1,220 @@
+"""RequestLimits: the server-wide bounds that keep one caller from taking the server from others.
+
+An interceptor inside the token check (a caller without the token never gets here, and its
+body is never parsed). For every call, of every service (health and reflection included):
+
+- **Size by method.** Only the tensor-carrying methods (``TENSOR_METHODS``: Encode, Decode,
+  Reconstruct, ModelInfer) may send up to ``max_message_bytes``; every other request is tiny
+  and is refused RESOURCE_EXHAUSTED past ``max_small_request_bytes``, before it is parsed.
+  gRPC checks ``max_message_bytes`` on the decompressed size, while it inflates.
+- **Calls and request bytes in flight.** Past ``max_inflight_calls`` calls, or
+  ``max_inflight_request_bytes`` of request bodies held by calls in progress, a new call is
+  refused RESOURCE_EXHAUSTED at once.
+- **Streams a client does not read.** A streamed answer is written with a stall timeout: a
+  client that reads nothing for ``stream_stall_timeout_s`` is cut off (DEADLINE_EXCEEDED), and
+  answers written but not yet taken by clients are bounded in all by
+  ``max_pending_answer_bytes`` (RESOURCE_EXHAUSTED for the stream that would pass it).
+
+Connection-level bounds (concurrent streams per connection, pings, idle and maximum age) are
+gRPC channel options, set in server/app.py from the same settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+__all__ = ["TENSOR_METHODS", "LimitSettings", "RequestLimits"]
+
+logger = logging.getLogger(__name__)
+
+# The methods whose requests carry tensors, by full method name; every other request is small.
+TENSOR_METHODS = frozenset(
+    {
+        "/vaeserve.v1.VaeService/Encode",
+        "/vaeserve.v1.VaeService/Decode",
+        "/vaeserve.v1.VaeService/Reconstruct",
+        "/inference.GRPCInferenceService/ModelInfer",
+    }
+)
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_message_bytes: int
+    max_small_request_bytes: int
+    max_inflight_calls: int
+    max_inflight_request_bytes: int
+    max_pending_answer_bytes: int
+    stream_stall_timeout_s: float
+
+
+class _Refused:
+    """Stands in for a request refused before it was parsed (too large, or over a bound)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _Call:
+    """One call's share of the bounds, released when it ends."""
+
+    __slots__ = ("request_bytes",)
+
+    def __init__(self) -> None:
+        self.request_bytes = 0
+
+
+class RequestLimits(grpc.aio.ServerInterceptor):
+    """Applies ``LimitSettings`` to every call (see the module's docstring)."""
+
+    def __init__(self, settings: LimitSettings):
+        self._settings = settings
+        self.inflight_calls = 0
+        self.inflight_request_bytes = 0
+        self.pending_answer_bytes = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method or ""
+        s = self._settings
+        cap = s.max_message_bytes if method in TENSOR_METHODS else s.max_small_request_bytes
+        call = _Call()
+        serializer = handler.response_serializer
+        if handler.stream_unary or handler.stream_stream:  # reflection: a size bound only
+            bounded = _size_bounded(handler.request_deserializer, cap)
+            if handler.stream_unary:
+                return grpc.stream_unary_rpc_method_handler(
+                    handler.stream_unary, request_deserializer=bounded,
+                    response_serializer=serializer,
+                )  # fmt: skip
+            return grpc.stream_stream_rpc_method_handler(
+                handler.stream_stream, request_deserializer=bounded, response_serializer=serializer
+            )
+        kwargs = {
+            "request_deserializer": self._admitting(handler.request_deserializer, cap, call),
+            "response_serializer": serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, call), **kwargs
+            )
+        return grpc.unary_stream_rpc_method_handler(
+            self._streaming(handler.unary_stream, call), **kwargs
+        )
+
+    def _admitting(
+        self, deserialize: Callable[[bytes], Any] | None, cap: int, call: _Call
+    ) -> Callable[[bytes], Any]:
+        """The request parser, behind the size bound and the in-flight bounds."""
+        s = self._settings
+
+        def parse(data: bytes) -> Any:
+            if len(data) > cap:
+                return _Refused(
+                    f"the request is {len(data)} bytes, over this method's limit of {cap} bytes"
+                )
+            if self.inflight_calls >= s.max_inflight_calls:
+                return _Refused(
+                    f"the server has {self.inflight_calls} calls in progress "
+                    f"(max_inflight_calls {s.max_inflight_calls}); retry with backoff"
+                )
+            if self.inflight_request_bytes + len(data) > s.max_inflight_request_bytes:
+                return _Refused(
+                    f"the server holds {self.inflight_request_bytes} bytes of requests in "
+                    f"progress (max_inflight_request_bytes {s.max_inflight_request_bytes}); "
+                    "retry with backoff"
+                )
+            call.request_bytes = len(data)
+            return data if deserialize is None else deserialize(data)
+
+        return parse
+
+    # The counts move only in the behaviors, whose finally always runs: a call that ends
+    # before its behavior starts (cancelled while arriving) never entered them.
+    def _enter(self, call: _Call) -> None:
+        self.inflight_calls += 1
+        self.inflight_request_bytes += call.request_bytes
+
+    def _leave(self, call: _Call) -> None:
+        self.inflight_calls -= 1
+        self.inflight_request_bytes -= call.request_bytes
+
+    def _unary(self, behavior: Callable[..., Awaitable[Any]], call: _Call) -> Callable:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Refused):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, request.message)
+            self._enter(call)
+            try:
+                return await behavior(request, context)
+            finally:
+                self._leave(call)
+
+        return unary
+
+    def _streaming(self, behavior: Callable[..., AsyncIterator[Any]], call: _Call) -> Callable:
+        s = self._settings
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, _Refused):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, request.message)
+            self._enter(call)
+            try:
+                async for answer in behavior(request, context):
+                    size = len(answer) if isinstance(answer, bytes) else 0
+                    if self.pending_answer_bytes and (
+                        self.pending_answer_bytes + size > s.max_pending_answer_bytes
+                    ):
+                        await context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the server holds {self.pending_answer_bytes} bytes of streamed "
+                            "answers that clients have not read (max_pending_answer_bytes "
+                            f"{s.max_pending_answer_bytes}); retry with backoff",
+                        )
+                    # gRPC resumes this generator once the answer is written, which waits for
+                    # the client's flow-control window: a client that reads nothing stalls it.
+                    stall = _cancel_later(s.stream_stall_timeout_s)
+                    self.pending_answer_bytes += size
+                    try:
+                        yield answer
+                    finally:
+                        self.pending_answer_bytes -= size
+                        stall.cancel()
+            finally:
+                self._leave(call)
+
+        return streaming
+
+
+def _cancel_later(seconds: float) -> asyncio.TimerHandle:
+    """Cancel the running call's task after ``seconds`` unless the handle is cancelled first."""
+    task = asyncio.current_task()
+
+    def stalled() -> None:
+        logger.warning("a stream's client read nothing for %g s; cutting the call off", seconds)
+        if task is not None:
+            task.cancel()
+
+    return asyncio.get_running_loop().call_later(seconds, stalled)
+
+
+def _size_bounded(deserialize: Callable[[bytes], Any] | None, cap: int) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        if len(data) > cap:
+            raise ValueError(f"a message of {len(data)} bytes, over the limit of {cap} bytes")
+        return data if deserialize is None else deserialize(data)
+
+    return parse
