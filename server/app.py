@@ -234,7 +234,7 @@ async def create_server(
     if settings.auth_token_file is not None:
         guards.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
     # Inside the token check: a caller without the token is never counted nor parsed.
-    guards.append(RequestLimits(settings.request_limits()))
+    guards.append(RequestLimits(settings))
     grpc_server = grpc.aio.server(
         interceptors=[*guards, *interceptors],
         options=[

@@ -7,7 +7,7 @@ and large bytes fields stay in gRPC's receive buffer instead of being copied by 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -20,6 +20,8 @@ from vaeserve.errors import MalformedMessage
 
 __all__ = [
     "TENSOR_TYPE",
+    "rewrapped",
+    "tensor_methods",
     "MalformedRequest",
     "DetachedRequest",
     "detached_bytes",
@@ -141,3 +143,43 @@ def _serializer(message_class: type) -> Callable[[Any], bytes]:
         return answer if type(answer) is bytes else serialize(answer)
 
     return serialized
+
+
+_MAKERS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrapped(
+    handler: grpc.RpcMethodHandler,
+    unary_answer: Wrapper,
+    streamed_answer: Wrapper,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` (what interceptors return): its behavior
+    wrapped by ``unary_answer`` where the call answers once, by ``streamed_answer`` where it
+    streams its answers; its request parser replaced by ``request_deserializer`` if given."""
+    for kind, make in _MAKERS.items():
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            wrap = streamed_answer if handler.response_streaming else unary_answer
+            return make(
+                wrap(behavior),
+                request_deserializer=request_deserializer or handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    raise ValueError("a method handler without a behavior")
+
+
+def tensor_methods(services: Iterable[ServiceDescriptor]) -> frozenset[str]:
+    """The full names ("/service/Method") of the methods whose requests carry tensors."""
+    return frozenset(
+        f"/{service.full_name}/{method.name}"
+        for service in services
+        for method in service.methods
+        if _large_fields(message_factory.GetMessageClass(method.input_type))
+    )

@@ -3,15 +3,16 @@
 An interceptor inside the token check (a caller without the token never gets here, and its
 body is never parsed). For every call, of every service (health and reflection included):
 
-- **Size by method.** Only the tensor-carrying methods (``TENSOR_METHODS``: Encode, Decode,
-  Reconstruct, ModelInfer) may send up to ``max_message_bytes``; every other request is tiny
-  and is refused RESOURCE_EXHAUSTED past ``max_small_request_bytes``, before it is parsed.
+- **Size by method.** Only the methods whose requests carry tensors (``TENSOR_METHODS``:
+  Encode, Decode, Reconstruct, ModelInfer) may send up to ``max_message_bytes``; every other
+  request is tiny and is refused RESOURCE_EXHAUSTED past ``max_small_request_bytes``, before
+  it is parsed.
   gRPC checks ``max_message_bytes`` on the decompressed size, while it inflates.
 - **Calls and request bytes in flight.** Past ``max_inflight_calls`` calls, or
   ``max_inflight_request_bytes`` of request bodies held by calls in progress, a new call is
   refused RESOURCE_EXHAUSTED at once.
 - **Streams a client does not read.** A streamed answer is written with a stall timeout: a
-  client that reads nothing for ``stream_stall_timeout_s`` is cut off (DEADLINE_EXCEEDED), and
+  client that reads nothing for ``stream_stall_timeout_s`` is cut off (CANCELLED), and
   answers written but not yet taken by clients are bounded in all by
   ``max_pending_answer_bytes`` (RESOURCE_EXHAUSTED for the stream that would pass it).
 
@@ -24,34 +25,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
 
-__all__ = ["TENSOR_METHODS", "LimitSettings", "RequestLimits"]
+from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
+from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.server.handlers import rewrapped, tensor_methods
+from vaeserve.server.settings import ServerSettings
+
+__all__ = ["TENSOR_METHODS", "RequestLimits"]
 
 logger = logging.getLogger(__name__)
 
 # The methods whose requests carry tensors, by full method name; every other request is small.
-TENSOR_METHODS = frozenset(
-    {
-        "/vaeserve.v1.VaeService/Encode",
-        "/vaeserve.v1.VaeService/Decode",
-        "/vaeserve.v1.VaeService/Reconstruct",
-        "/inference.GRPCInferenceService/ModelInfer",
-    }
-)
-
-
-@dataclass(frozen=True)
-class LimitSettings:
-    max_message_bytes: int
-    max_small_request_bytes: int
-    max_inflight_calls: int
-    max_inflight_request_bytes: int
-    max_pending_answer_bytes: int
-    stream_stall_timeout_s: float
+TENSOR_METHODS = tensor_methods(
+    [pb.DESCRIPTOR.services_by_name["VaeService"],
+     oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]]
+)  # fmt: skip
 
 
 class _Refused:
@@ -73,9 +65,9 @@ class _Call:
 
 
 class RequestLimits(grpc.aio.ServerInterceptor):
-    """Applies ``LimitSettings`` to every call (see the module's docstring)."""
+    """Applies the bounds of ``settings`` to every call (see the module's docstring)."""
 
-    def __init__(self, settings: LimitSettings):
+    def __init__(self, settings: ServerSettings):
         self._settings = settings
         self.inflight_calls = 0
         self.inflight_request_bytes = 0
@@ -92,28 +84,15 @@ class RequestLimits(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         s = self._settings
         cap = s.max_message_bytes if method in TENSOR_METHODS else s.max_small_request_bytes
+        if handler.request_streaming:  # reflection: a size bound only
+            keep = lambda behavior: behavior  # noqa: E731
+            return rewrapped(handler, keep, keep, _size_bounded(handler.request_deserializer, cap))
         call = _Call()
-        serializer = handler.response_serializer
-        if handler.stream_unary or handler.stream_stream:  # reflection: a size bound only
-            bounded = _size_bounded(handler.request_deserializer, cap)
-            if handler.stream_unary:
-                return grpc.stream_unary_rpc_method_handler(
-                    handler.stream_unary, request_deserializer=bounded,
-                    response_serializer=serializer,
-                )  # fmt: skip
-            return grpc.stream_stream_rpc_method_handler(
-                handler.stream_stream, request_deserializer=bounded, response_serializer=serializer
-            )
-        kwargs = {
-            "request_deserializer": self._admitting(handler.request_deserializer, cap, call),
-            "response_serializer": serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, call), **kwargs
-            )
-        return grpc.unary_stream_rpc_method_handler(
-            self._streaming(handler.unary_stream, call), **kwargs
+        return rewrapped(
+            handler,
+            partial(self._unary, call=call),
+            partial(self._streaming, call=call),
+            self._admitting(handler.request_deserializer, cap, call),
         )
 
     def _admitting(

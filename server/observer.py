@@ -14,10 +14,12 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import grpc
 
+from vaeserve.server.handlers import rewrapped
 from vaeserve.server.metrics import ServerMetrics
 
 __all__ = ["RequestObserver", "UNKNOWN_MODEL", "model_name_of"]
@@ -68,25 +70,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         rpc = (handler_call_details.method or "").rsplit("/", 1)[-1]
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(rpc, handler.unary_unary), **kwargs
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(rpc, handler.unary_stream), **kwargs
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(rpc, handler.stream_unary), **kwargs
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream(rpc, handler.stream_stream), **kwargs
-        )
+        return rewrapped(handler, partial(self._unary, rpc), partial(self._stream, rpc))
 
     def _unary(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:

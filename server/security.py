@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 
+from vaeserve.server.handlers import rewrapped
+
 __all__ = [
     "UNAUTHENTICATED_MESSAGE",
     "OPEN_METHOD_PREFIXES",
@@ -156,11 +158,4 @@ def _rejecting(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     if handler is None:  # an unknown method: still say UNAUTHENTICATED, not what exists
         return grpc.unary_unary_rpc_method_handler(reject, request_deserializer=_unread)
     # The body of a call without the token is never parsed: it costs the server nothing.
-    kwargs = {"request_deserializer": _unread, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(reject, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(reject_stream, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(reject, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(reject_stream, **kwargs)
+    return rewrapped(handler, lambda _: reject, lambda _: reject_stream, _unread)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from vaeserve.info import Limits
-from vaeserve.server.limits import LimitSettings
 
 __all__ = [
     "DEVICES",
@@ -147,17 +146,6 @@ class ServerSettings:
             _check(getattr(self, name) > 0, name, "seconds > 0", getattr(self, name))
         for name in ("max_connection_age_s", "max_connection_age_grace_s"):
             _check(getattr(self, name) >= 0, name, "seconds >= 0", getattr(self, name))
-
-    def request_limits(self) -> LimitSettings:
-        """The server-wide bounds of server/limits.py."""
-        return LimitSettings(
-            max_message_bytes=self.max_message_bytes,
-            max_small_request_bytes=self.max_small_request_bytes,
-            max_inflight_calls=self.max_inflight_calls,
-            max_inflight_request_bytes=self.max_inflight_request_bytes,
-            max_pending_answer_bytes=self.max_pending_answer_bytes,
-            stream_stall_timeout_s=self.stream_stall_timeout_s,
-        )
 
     def limits(self) -> Limits:
         """The bounds a request must keep, as ``GetModelInfo`` reports them."""
