@@ -12,7 +12,8 @@ body is never parsed). For every call, of every service (health and reflection i
   ``max_inflight_request_bytes`` of request bodies held by calls in progress, a new call is
   refused RESOURCE_EXHAUSTED at once.
 - **Streams a client does not read.** A streamed answer is written with a stall timeout: a
-  client that reads nothing for ``stream_stall_timeout_s`` is cut off (CANCELLED), and
+  client that reads nothing for ``stream_stall_timeout_s`` is cut off (RESOURCE_EXHAUSTED,
+  which it receives after what it had not read), and
   answers written but not yet taken by clients are bounded in all by
   ``max_pending_answer_bytes`` (RESOURCE_EXHAUSTED for the stream that would pass it).
 
@@ -23,6 +24,7 @@ gRPC channel options, set in server/app.py from the same settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -165,7 +167,7 @@ class RequestLimits(grpc.aio.ServerInterceptor):
                         )
                     # gRPC resumes this generator once the answer is written, which waits for
                     # the client's flow-control window: a client that reads nothing stalls it.
-                    stall = _cancel_later(s.stream_stall_timeout_s)
+                    stall = _cut_off_later(context, s.stream_stall_timeout_s)
                     self.pending_answer_bytes += size
                     try:
                         yield answer
@@ -178,16 +180,40 @@ class RequestLimits(grpc.aio.ServerInterceptor):
         return streaming
 
 
-def _cancel_later(seconds: float) -> asyncio.TimerHandle:
-    """Cancel the running call's task after ``seconds`` unless the handle is cancelled first."""
-    task = asyncio.current_task()
+def _cut_off_later(context: grpc.aio.ServicerContext, seconds: float) -> asyncio.TimerHandle:
+    """End the running call after ``seconds`` (unless the handle is cancelled first) with
+    RESOURCE_EXHAUSTED, and stop its handler.
+
+    The handler waits inside gRPC for the client's flow-control window. Cancelling its task
+    alone would stop it without a word on the wire: gRPC takes a cancelled handler for a call
+    the client cancelled, sends no status, and the client would wait forever. So the status is
+    sent first, from a task of its own (the client receives it after what it has not read),
+    and the handler is cancelled once that task has started.
+    """
+    handler = asyncio.current_task()
+    message = (
+        f"the client read nothing of this stream for {seconds:g} s "
+        "(stream_stall_timeout_s); read faster or ask for smaller chunks"
+    )
+
+    async def send_status() -> None:
+        with contextlib.suppress(grpc.aio.AbortError):  # abort ends by raising
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     def stalled() -> None:
         logger.warning("a stream's client read nothing for %g s; cutting the call off", seconds)
-        if task is not None:
-            task.cancel()
+        ending = asyncio.ensure_future(send_status())
+        _ending_calls.add(ending)
+        ending.add_done_callback(_ending_calls.discard)
+        if handler is not None:  # after send_status's first step: the status goes out first
+            asyncio.get_running_loop().call_soon(handler.cancel)
 
     return asyncio.get_running_loop().call_later(seconds, stalled)
+
+
+# The status sends of cut-off calls, held while they wait to be flushed (the loop keeps only
+# weak references to tasks).
+_ending_calls: set[asyncio.Future] = set()
 
 
 def _size_bounded(deserialize: Callable[[bytes], Any] | None, cap: int) -> Callable[[bytes], Any]:

@@ -80,7 +80,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):
                 answer = inner(request, context)
                 return await answer if inspect.isawaitable(answer) else answer
             except asyncio.CancelledError:
-                failure = "CANCELLED"
+                failure = _code(context) or "CANCELLED"  # a code: the server ended it (a bound)
                 raise
             except BaseException:
                 failure = _code(context) or "UNKNOWN"
@@ -103,7 +103,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):
                     for answer in answers:
                         yield answer
             except (asyncio.CancelledError, GeneratorExit):
-                failure = "CANCELLED"
+                failure = _code(context) or "CANCELLED"  # a code: the server ended it (a bound)
                 raise
             except BaseException:
                 failure = _code(context) or "UNKNOWN"

@@ -97,6 +97,7 @@ class ServerSettings:
     max_small_request_bytes: int = 64 << 10  # requests of the methods that carry no tensors
     max_request_fields: int = 16384  # protobuf fields one request may hold, nested included
     max_inflight_calls: int = 1024
+    max_waiting_calls: int = 1024  # calls gRPC holds before the server takes them up
     max_inflight_request_bytes: int = 1 << 30
     max_pending_answer_bytes: int = 512 * _MIB  # streamed answers written, not yet read
     stream_stall_timeout_s: float = 30.0  # a stream whose client reads nothing is cut off
@@ -139,7 +140,7 @@ class ServerSettings:
         )
         _check(self.workers >= 1, "workers", "an integer >= 1", self.workers)
         for name in ("max_small_request_bytes", "max_request_fields", "max_inflight_calls",
-                     "max_inflight_request_bytes", "max_pending_answer_bytes",
+                     "max_waiting_calls", "max_inflight_request_bytes", "max_pending_answer_bytes",
                      "max_concurrent_streams"):  # fmt: skip
             _check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
         for name in ("stream_stall_timeout_s", "min_ping_interval_s", "max_connection_idle_s"):
@@ -251,6 +252,7 @@ _FLAGS = (
     _Flag("max_small_request_bytes", int, "largest request of a method that carries no tensors"),
     _Flag("max_request_fields", int, "most protobuf fields in one request, nested included"),
     _Flag("max_inflight_calls", int, "calls in progress before new ones get RESOURCE_EXHAUSTED"),
+    _Flag("max_waiting_calls", int, "calls not yet taken up; past it gRPC ends new ones CANCELLED"),
     _Flag("max_inflight_request_bytes", int, "request bytes held by calls in progress, in all"),
     _Flag("max_pending_answer_bytes", int, "streamed answer bytes not yet read by clients"),
     _Flag("stream_stall_timeout_s", float, "cut off a stream whose client reads nothing this long"),

@@ -79,6 +79,7 @@ EVERY_FLAG = {
     "max_small_request_bytes": ("1024", 1024),
     "max_request_fields": ("100", 100),
     "max_inflight_calls": ("7", 7),
+    "max_waiting_calls": ("9", 9),
     "max_inflight_request_bytes": ("1000000", 1_000_000),
     "max_pending_answer_bytes": ("2000000", 2_000_000),
     "stream_stall_timeout_s": ("5", 5.0),
