@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +86,9 @@ class OutputLines:
 class ServerProcess:
     """``vae-serve`` in a child process, which a test can SIGKILL and start again."""
 
-    def __init__(self, repository: Path, port: int = 0):
+    def __init__(self, repository: Path, port: int = 0, flags: Sequence[str] = ()):
         command = [sys.executable, "-c", _SERVE, "--repository", str(repository)]
-        command += ["--port", str(port), "--device", "cpu", "--intra-op-threads", "1"]
+        command += ["--port", str(port), "--device", "cpu", "--intra-op-threads", "1", *flags]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.output = OutputLines(self.process)
         self.port = int(self.output.wait_for(r"listening on .*:(\d+)").group(1))
