@@ -6,21 +6,25 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
 from client_fixtures import ServerProcess, free_port, serve
+from serving_fixtures import ServerThread
 
 from vaeserve.client import RetryPolicy, VaeClient
 from vaeserve.client.retry import call_with_retry
 from vaeserve.client.tensors import Outgoing, request_serializer
 from vaeserve.errors import InvalidRequest, ModelNotFound, VaeServeError, error_for_status
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.server.settings import BatchingSettings, ServerSettings
 from vaeserve.tensors import from_array, to_array
 
 
@@ -254,17 +258,69 @@ def test_unreachable_server_is_retried_then_reported(caplog):
     assert len(caplog.records) >= 2, "UNAVAILABLE is retried"
 
 
-def test_round_robin_skips_a_dead_address(served):
-    addresses = [f"127.0.0.1:{free_port()}", served.address]
-    with VaeClient(addresses, retry=FAST) as c:
-        results = [c.sample(served.cvae, 2, label=1, seed=5).samples for _ in range(4)]
+class _Hangup:
+    """A TCP listener that accepts connections and closes them at once, counting them: an
+    address that is dialled but never serves."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+
+def test_round_robin_tries_a_dead_address_and_skips_it(served, caplog):
+    dead = _Hangup()
+    try:
+        with VaeClient([dead.address, served.address], retry=FAST) as c:
+            with caplog.at_level(logging.WARNING, logger="vaeserve.client.retry"):
+                results = [c.sample(served.cvae, 2, label=1, seed=5).samples for _ in range(4)]
+    finally:
+        dead.close()
     assert all(r.tobytes() == results[0].tobytes() for r in results)
+    assert dead.accepted >= 1, "the dead address was never dialled"
+    assert caplog.records, "calls that met the dead address were retried on the live one"
 
 
-def test_per_call_deadline(client, served):
-    with pytest.raises(VaeServeError) as info:
-        client.sample(served.cvae, 4096, label=1, seed=5, timeout_s=1e-6)
+def test_per_call_deadline_reaches_the_server(served):
+    """The deadline travels with the call: on a server whose batches wait 3 s for company, a
+    0.5 s deadline ends the call at the server (its queue drops the request uncomputed), not
+    after the client's default deadline, nor at once inside the client."""
+    holding = BatchingSettings(max_queue_delay_ms=3_000, queue_delay_policy="always")
+    settings = ServerSettings(
+        repository=served.repository, port=0, device="cpu", intra_op_threads=1, batching=holding
+    )
+    server = ServerThread(settings)
+    try:
+        decoder = server.server.registry.get(served.vae).decoder
+        with VaeClient(server.address, retry=RetryPolicy(max_attempts=1)) as c:
+            start = time.perf_counter()
+            with pytest.raises(VaeServeError) as info:
+                c.sample(served.vae, 4, seed=5, timeout_s=0.5)
+            took = time.perf_counter() - start
+        rows_computed = decoder.stats.rows
+    finally:
+        server.stop()
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.5 <= took < 5.0  # the deadline, not an instant client-side expiry
+    assert rows_computed == 0  # it waited in the server's queue and was dropped there
 
 
 def test_a_stream_broken_by_a_server_crash_resumes_where_it_stopped(served, caplog):

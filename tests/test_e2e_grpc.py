@@ -412,6 +412,9 @@ def _stream(chunk_size):
 
 
 def _expired(c):
+    """A 1 ms deadline expires in the client, before the server sees the call: what a caller
+    gets for it. Deadlines that pass at the server are tested where a queue holds requests:
+    test_client.py (per-call deadline) and test_faults.py (expired in the queue)."""
     request = pb.SampleRequest(model=ref("vae"), num_samples=4096)
     return c.stub.Sample(request, timeout=0.001)
 
@@ -522,7 +525,9 @@ ERRORS = [
         id="decode-labels",
     ),
     pytest.param(_stream(5000), INVALID, "chunk_size is 5000, expected 1..4096", id="chunk-size"),
-    pytest.param(_expired, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline", id="deadline-exceeded"),
+    pytest.param(
+        _expired, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline", id="deadline-exceeded-in-client"
+    ),
     pytest.param(
         _loading, grpc.StatusCode.UNAVAILABLE, "still loading models", id="unavailable-loading"
     ),

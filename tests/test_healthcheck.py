@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from client_fixtures import free_port
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from vaeserve.server import healthcheck
@@ -130,21 +131,26 @@ def test_tls_with_ca_bundle(tmp_path: Path) -> None:
 
 
 def test_console_script_exit_code_and_no_torch() -> None:
-    """What Docker runs: the installed command, in a fresh process that must not load torch."""
+    """What Docker runs: the installed ``vae-healthcheck`` script, in a fresh process that must
+    not load torch (``-X importtime`` lists every module it imports)."""
+    script = Path(sys.executable).with_name("vae-healthcheck")
+    assert script.is_file(), f"{script}: the console script is not installed"
+
+    def probe(port: int) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "VAESERVE_PORT": str(port)}
+        return subprocess.run(
+            [sys.executable, "-X", "importtime", str(script), "--timeout", "2"],
+            env=env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
 
     async def scenario() -> tuple[subprocess.CompletedProcess[str], str]:
         async with _health_server() as (_, port):
-            code = (
-                "import sys; from vaeserve.server import healthcheck; rc = healthcheck.main(); "
-                "sys.exit(3 if 'torch' in sys.modules else rc)"
-            )
-            env = {**os.environ, "VAESERVE_PORT": str(port)}
-            proc = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-c", code], env=env,
-                capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
-            return proc, f"127.0.0.1:{port}"
+            return await asyncio.to_thread(probe, port), f"127.0.0.1:{port}"
 
     proc, address = asyncio.run(scenario())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert address in proc.stdout and "SERVING" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+    assert "vaeserve.server.healthcheck" in imported  # the script ran our entry point
+    assert not {name for name in imported if name.split(".")[0] == "torch"}
+    assert probe(free_port()).returncode == 1  # nothing listens: not SERVING

@@ -169,15 +169,30 @@ def test_cvae_bound_without_labels_is_an_error():
 
 
 def test_training_loss_with_beta_and_iwae():
+    """The loss is −mean(log p(x|z) − β·KL) for k = 1 and −mean(IWAE bound) for k > 1, at the
+    same draws (the global generator reseeded before each)."""
     torch.manual_seed(10)
     model = build_model(ModelConfig(**TINY))
     x = torch.bernoulli(torch.full((6, 1, 4, 4), 0.5))
-    loss, elbo = training_loss(model, x, beta=0.5)
-    assert loss.requires_grad and not elbo.requires_grad and elbo.shape == (6,)
-    loss_k, bound = training_loss(model, x, k=5)
+
+    def seeded(function, *args, **kwargs):
+        torch.manual_seed(11)
+        return function(model, x, *args, **kwargs)
+
+    terms = seeded(elbo_terms)
+    for beta in (0.5, 1.0, 2.0):
+        loss, elbo = seeded(training_loss, beta=beta)
+        torch.testing.assert_close(loss, -(terms.log_likelihood - beta * terms.kl).mean())
+        torch.testing.assert_close(elbo, terms.elbo.detach())  # the report ignores β
+        assert loss.requires_grad and not elbo.requires_grad and elbo.shape == (6,)
+    assert terms.kl.mean() > 0.01  # so that a β that was ignored would show
+    for beta in (0.5, 1.0):
+        expected = seeded(iwae_bound, None, 5, beta)
+        loss_k, bound = seeded(training_loss, k=5, beta=beta)
+        torch.testing.assert_close(loss_k, -expected.mean())
+        torch.testing.assert_close(bound, expected.detach())
     loss_k.backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert bound.shape == (6,)
 
 
 def test_independent_bernoulli_baseline_matches_direct_computation():

@@ -294,7 +294,12 @@ def test_request_parameters_are_accepted_and_ignored(stub):
         "custom": pb.InferParameter(string_param="anything"),
     }
     response = _infer(stub, DECODER, {"z": z, "y": y}, parameters=params)
-    assert _outputs(response)["probs"].shape == (2, 1, 8, 8)
+    plain = _infer(stub, DECODER, {"z": z, "y": y})
+    assert response.model_name == plain.model_name
+    assert [o.name for o in response.outputs] == [o.name for o in plain.outputs] == ["probs"]
+    with_parameters, without = _outputs(response), _outputs(plain)
+    assert with_parameters["probs"].shape == (2, 1, 8, 8)
+    np.testing.assert_array_equal(with_parameters["probs"], without["probs"])
 
 
 @pytest.mark.parametrize(

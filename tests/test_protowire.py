@@ -248,6 +248,10 @@ def test_any_bytes_give_malformed_message_or_a_rest_consistent_with_protobuf(dat
     try:
         parsed = pb.SampleResponse.FromString(rest)
     except DecodeError:
+        # What detach passed on must be malformed only where raw was: a rest that protobuf
+        # rejects is fine only if it rejects raw too (detach left the fault in place).
+        with pytest.raises(DecodeError):
+            pb.SampleResponse.FromString(raw)
         return
     for name, path in PATHS.items():
         if path in found:

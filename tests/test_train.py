@@ -98,12 +98,19 @@ def test_vae_eval_missing_run(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
+# Share of a CVAE's samples the classifier assigns to the label asked for (chance: 0.1), after
+# 60 epochs at the default width (~6 s of training): measured 0.91 (concat) and 0.50 (class-
+# mean prior); a model that ignored its labels would score about 0.1.
+LEARNED_CONDITIONAL_ACCURACY = {"concat": 0.7, "prior": 0.3}
+
+
 @pytest.mark.parametrize("conditioning", ["concat", "prior"])
 def test_cvae_runs_report_conditional_accuracy(tmp_path, conditioning):
-    args = ["--model", "cvae", "--conditioning", conditioning, "--epochs", "2"]
+    args = ["--model", "cvae", "--conditioning", conditioning, "--epochs", "60"]
+    args += ["--latent-dim", "16", "--hidden-dims", "512", "256"]  # the defaults, over TINY's
     assert _train_cli(tmp_path, *args) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert 0.0 <= metrics["conditional_accuracy"] <= 1.0
+    assert metrics["conditional_accuracy"] > LEARNED_CONDITIONAL_ACCURACY[conditioning]
     assert metrics["classifier_test_accuracy"] > 0.85
     assert _png_size(tmp_path / "samples.png") == (364, 364)  # one row per class
     assert load_checkpoint(tmp_path / "checkpoint.pt").model_config.conditioning == conditioning
@@ -160,8 +167,8 @@ def test_out_that_is_not_a_folder_is_refused_before_training(tmp_path, capsys, w
     assert (tmp_path / "taken").read_text() == "mine"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
-def test_cuda_without_cuda_is_an_error(tmp_path, capsys):
+def test_cuda_without_cuda_is_an_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on CUDA machines
     with pytest.raises(SystemExit):
         _train_cli(tmp_path, "--device", "cuda")
     assert "CUDA is not available" in capsys.readouterr().err
@@ -174,7 +181,9 @@ def test_other_likelihoods_archs_and_the_iwae_objective(tmp_path):
     }.items():
         metrics = train.train(TrainConfig(**{**TINY, "epochs": 1, **changes}), tmp_path / name)
         assert np.isfinite(metrics["test_nll_nats"])
-    assert "baseline_independent_bernoulli_nll_nats" not in metrics or name == "conv"
+        # The independent-pixel baseline is a Bernoulli NLL: reported for binary data only.
+        bernoulli = changes.get("likelihood", "bernoulli") == "bernoulli"
+        assert ("baseline_independent_bernoulli_nll_nats" in metrics) == bernoulli, name
 
 
 def test_cvae_on_unlabelled_data_is_an_error(tmp_path):
