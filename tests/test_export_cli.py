@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from export_fixtures import save_tiny_checkpoint, tiny_config
+from os_faults import read_only_folder
 
 from vaeserve.export import onnx_export, publish
 from vaeserve.export.publish import resolve_version
@@ -306,22 +307,26 @@ def test_bad_input_is_one_clear_line(
     assert not repository.exists() or list_versions(repository / "tiny") == []
 
 
-def _repository_is_a_file(tmp_path: Path) -> Path:
+def _repository_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "repo").write_text("not a folder")
     return tmp_path / "repo"
 
 
-def _model_folder_is_a_file(tmp_path: Path) -> Path:
+def _model_folder_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "tiny").write_text("not a folder")
     return tmp_path / "repo"
 
 
-def _read_only_repository(tmp_path: Path) -> Path:
+def _read_only_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder of mode 0555. Root writes into it anyway (CI runs as root), so there the
+    kernel's answer is injected at the OS boundary: creating, opening for writing or renaming
+    anything inside it raises EACCES, as it would for any other user."""
+    repository = tmp_path / "repo"
+    repository.mkdir(mode=0o555)
     if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
-    (tmp_path / "repo").mkdir(mode=0o555)
-    return tmp_path / "repo"
+        read_only_folder(monkeypatch, repository)
+    return repository
 
 
 @pytest.mark.parametrize(
@@ -336,10 +341,11 @@ def test_unwritable_repository(
     checkpoint: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    make: Callable[[Path], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[Path, pytest.MonkeyPatch], Path],
     message: str,
 ) -> None:
-    repository = make(tmp_path)
+    repository = make(tmp_path, monkeypatch)
     assert onnx_export.main(_args(checkpoint, repository)) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("vae-export: error: ") and message in err and "\n" not in err

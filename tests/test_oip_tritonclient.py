@@ -16,11 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from client_fixtures import CVAE, ServerProcess, tiny_repository
+from missing import missing
 from serving_fixtures import Reference
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("tritonclient") is None, reason="tritonclient is not installed"
-)
+
+@pytest.fixture(autouse=True, scope="module")
+def tritonclient_installed() -> None:
+    if importlib.util.find_spec("tritonclient") is None:
+        missing("tritonclient is not installed (the dev extra installs it)")
+
 
 CALLS = Path(__file__).with_name("tritonclient_calls.py")
 CALLS_TIMEOUT_S = 120.0
