@@ -77,11 +77,22 @@ def _overload(address: str, clients: int, calls: int, max_s: float) -> list[tupl
     return outcomes
 
 
+def _queued(server, name: str) -> float:
+    """Requests that ever entered ``name``'s decoder queue (vaeserve_queue_seconds_count)."""
+    registry = server.registry
+    labels = {"model": name, "version": str(registry.get(name).manifest.version)}
+    value = registry.metrics.registry.get_sample_value(
+        "vaeserve_queue_seconds_count", {**labels, "graph": "decoder"}
+    )
+    return value or 0.0
+
+
 def test_past_the_queue_bound_calls_are_refused_promptly_and_the_server_recovers(
     small_queue, figure
 ):
     decoder = small_queue.server.registry.get(VAE).decoder
     rows_before = decoder.stats.rows
+    queued_before = _queued(small_queue.server, VAE)
     outcomes = _overload(small_queue.address, clients=16, calls=25, max_s=8.0)
     codes = {code for code, *_ in outcomes}
     assert codes == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
@@ -90,9 +101,12 @@ def test_past_the_queue_bound_calls_are_refused_promptly_and_the_server_recovers
     assert all("max_queue_size" in d and "retry with backoff" in d for *_, d in refused)
     refusal_s = np.array([latency for _, latency, _, _ in refused])
     served_s = np.array([latency for _, latency, _, _ in served])
-    # Refused at the door: never near the deadline, and faster than being served.
+    # Refused at the door: no refused call ever entered the queue (one dequeue per served
+    # call, and none was dropped from it), so none waited for a batch.
+    assert _queued(small_queue.server, VAE) - queued_before == len(served)
+    # Time is the feature here (a refusal must leave the caller its deadline); the bound is a
+    # tenth of the deadline, hundreds of times the usual refusal, so a busy machine passes.
     assert refusal_s.max() < T / 10, refusal_s.max()
-    assert np.median(refusal_s) < np.median(served_s)
     assert all(rows == LARGE for _, _, rows, _ in served)
     figure("calls", len(outcomes))
     figure("refused", len(refused))
@@ -132,7 +146,13 @@ def test_a_short_soak_has_no_failures_but_refusals_and_recovers_from_each_burst(
     assert summary["wrong_answers"] == [] and summary["server_exit_code"] == 0
     assert summary["failures"].get("RESOURCE_EXHAUSTED", 0) > 0, "the bursts never overloaded"
     assert len(summary["bursts"]) == 2
+    # Time is the feature (how soon the server recovers after a burst); 5 s is hundreds of
+    # times the usual recovery, so only a server that stays refusing fails it.
     assert all(b["recovery_s"] is not None and b["recovery_s"] < 5 for b in summary["bursts"])
     assert summary["steady_refused_outside_bursts"] == 0
-    assert summary["requests"] > 500
+    # The steady load really ran: every kind of call was made and answered OK at least once.
+    kinds = {"Sample small", "Sample large", "Sample fixed", "SampleStream", "Encode", "Decode"}
+    assert kinds | {"Burst Sample"} <= set(summary["by_kind"]), summary["by_kind"].keys()
+    for kind, stats in summary["by_kind"].items():
+        assert stats["requests"] > sum(stats["failures"].values()), (kind, stats)
     assert "verdict: PASS" in done.stdout

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -109,12 +108,16 @@ def test_two_workers_share_the_port_answer_and_stop_with_exit_0(repository, tmp_
         for _ in range(2):
             out.wait_for(r"rescan: 1 version\(s\) loaded or tried")
 
-        start = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(EXIT_S) == 0, out.text()
-        assert time.monotonic() - start < GRACE_S
         assert not any(alive(pid) for pid in server.pids)
-        assert "stopped" in out.text()
+        text = out.text()
+        # Idle workers drained at once and exited by themselves: their logs and the
+        # supervisor's say so, rather than a clock compared with the grace period.
+        assert "did not finish within the grace period" not in text, text
+        assert "did not exit; killing it" not in text, text
+        assert len(re.findall(r"vaeserve\.server\.app: stopped$", text, re.M)) == 2, text
+        assert re.search(r"vaeserve\.server\.workers: stopped$", text, re.M), text
     finally:
         server.close()
 
