@@ -1,6 +1,6 @@
 """Test metrics of a trained model: ELBO, importance-weighted NLL, conditional accuracy.
 
-Run: vae-eval RUN_DIR [--data SPEC] [--k K]
+Run: vae-eval RUN_DIR [--data SPEC [--whole-file]] [--k K]
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ import torch
 
 from vaeserve.images import save_grid
 from vaeserve.training.checkpoint import CHECKPOINT_NAME, load_model
-from vaeserve.training.data import DatasetSplits, Split, load_dataset
+from vaeserve.training.data import (
+    DatasetSplits,
+    Split,
+    check_labels,
+    iter_chunks,
+    load_dataset,
+    load_whole,
+)
 from vaeserve.training.losses import evaluate_bounds
 from vaeserve.training.model import VAE
 
@@ -113,13 +120,15 @@ def evaluate_model(
 
 
 def _check_fits(model: VAE, splits: DatasetSplits) -> None:
-    if tuple(splits.shape) != tuple(model.config.data_shape):
-        raise ValueError(
-            f"data: {splits.spec} has images of shape {splits.shape}, "
-            f"the model expects {model.config.data_shape}"
-        )
+    test_shape = tuple(splits.test.x.shape[1:])
+    for shape in (tuple(splits.shape), test_shape):
+        if shape != tuple(model.config.data_shape):
+            raise ValueError(
+                f"data: {splits.spec} has images of shape {shape}, "
+                f"the model expects {model.config.data_shape}"
+            )
     if model.needs_label:
-        if splits.num_classes is None:
+        if splits.num_classes is None or splits.test.y is None:
             raise ValueError(f"data: {splits.spec} has no labels; a CVAE needs them")
         if splits.num_classes > model.config.num_classes:
             raise ValueError(
@@ -132,7 +141,7 @@ def _bounds(
     model: VAE, split: Split, k: int, generator: torch.Generator, device: torch.device
 ) -> tuple[float, float, float]:
     totals = np.zeros(3)
-    for start in range(0, len(split), _EVAL_BATCH):
+    for start in range(0, len(split), _EVAL_BATCH):  # one batch read (from the file) at a time
         x = torch.from_numpy(split.x[start : start + _EVAL_BATCH]).to(device)
         y = None
         if model.needs_label:
@@ -149,10 +158,16 @@ def independent_bernoulli_nll(train_x: np.ndarray, test_x: np.ndarray) -> float:
     never set in training does not give an infinite NLL.
     """
     n = len(train_x)
-    p = (train_x.astype(np.float64).sum(0) + 1.0) / (n + 2.0)  # (C, H, W)
-    x = test_x.astype(np.float64)
-    log_p = x * np.log(p) + (1.0 - x) * np.log1p(-p)
-    return float(-log_p.reshape(len(x), -1).sum(1).mean())
+    counts = np.zeros(train_x.shape[1:], np.float64)
+    for _, chunk in iter_chunks(train_x):  # chunks: the data may be a memory-mapped file
+        counts += chunk.astype(np.float64).sum(0)
+    p = (counts + 1.0) / (n + 2.0)  # (C, H, W)
+    per_image = []
+    for _, chunk in iter_chunks(test_x):
+        x = chunk.astype(np.float64)
+        log_p = x * np.log(p) + (1.0 - x) * np.log1p(-p)
+        per_image.append(-log_p.reshape(len(x), -1).sum(1))
+    return float(np.concatenate(per_image).mean())
 
 
 def conditional_accuracy(
@@ -182,7 +197,11 @@ def conditional_accuracy(
         train_y = np.tile(train_y, draws)
         train_x = np.concatenate([rng.random_sample(train_x.shape) < train_x for _ in range(draws)])
     classifier = _fit_classifier(train_x.astype(np.float32), train_y)
-    test_acc = classifier.score(splits.test.x.reshape(len(splits.test), -1), splits.test.y)
+    right = 0
+    for start, chunk in iter_chunks(splits.test.x):
+        predicted = classifier.predict(chunk.reshape(len(chunk), -1))
+        right += int((predicted == splits.test.y[start : start + len(chunk)]).sum())
+    test_acc = right / len(splits.test)
     device = torch.device(device)
     labels = torch.arange(splits.num_classes, device=device).repeat_interleave(samples_per_class)
     generator = torch.Generator(device=device).manual_seed(seed + 1)
@@ -253,7 +272,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="vae-eval", description="Recompute the test metrics of a trained VAE/CVAE."
     )
     parser.add_argument("run_dir", help="run directory (or the checkpoint.pt in it)")
-    parser.add_argument("--data", help="dataset spec to evaluate on; default: the run's own")
+    parser.add_argument(
+        "--data",
+        help="dataset spec to evaluate on (default: the run's own); its test split is scored: "
+        "an .npz's x_test whole when it has one, else the 20%% held back by the run's split seed",
+    )
+    parser.add_argument(
+        "--whole-file",
+        action="store_true",
+        help="score every image of the --data file (npz:PATH holding x, or an .npy) as the "
+        "test set, nothing held back; the run's own training split fits the baseline and "
+        "the CVAE classifier",
+    )
     parser.add_argument("--k", type=int, default=1000, help="importance samples (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -262,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         metrics = evaluate_run(
-            args.run_dir, data=args.data, k=args.k, seed=args.seed, device=args.device
+            args.run_dir,
+            data=args.data,
+            whole_file=args.whole_file,
+            k=args.k,
+            seed=args.seed,
+            device=args.device,
         )
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"vae-eval: error: {exc}\n")
@@ -271,14 +306,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(
-    run: str | Path, *, data: str | None = None, k: int = 1000, seed: int = 0, device: str = "auto"
+    run: str | Path,
+    *,
+    data: str | None = None,
+    whole_file: bool = False,
+    k: int = 1000,
+    seed: int = 0,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Recomputes the metrics of the checkpoint in run directory `run` (or at path `run`).
 
     Args:
         run: run directory or checkpoint file.
         data: dataset spec to evaluate on; None means the run's own test split. The run's
-            binarization and split seed apply either way.
+            binarization and split seed apply either way. Its test split is scored: an .npz's
+            x_test whole when it has one, else the 20 % the split seed holds back.
+        whole_file: score every image of `data` (npz:PATH holding x, or an .npy) instead;
+            the run's own training split then fits the baseline and the CVAE classifier.
         k: importance samples of the NLL estimate.
         seed: seed of the evaluation noise.
         device: "auto", "cpu" or "cuda".
@@ -287,13 +331,25 @@ def evaluate_run(
         FileNotFoundError: no checkpoint or dataset file.
         ValueError: bad checkpoint, or data that do not fit the model.
     """
+    if whole_file and data is None:
+        raise ValueError("--whole-file: needs --data SPEC, the held-out file to score whole")
     torch_device = resolve_device(device)
     model, ckpt = load_model(_checkpoint_path(run), device=str(torch_device))
     info = ckpt.data_info
-    splits = load_dataset(
-        data or info["spec"], binarize=info["binarize"], split_seed=info["split_seed"]
-    )
+    how = {"binarize": info["binarize"], "split_seed": info["split_seed"], "mmap": True}
+    if whole_file:
+        whole = load_whole(data, **how)  # checked before the run's own data is read
+        own = load_dataset(info["spec"], **how)
+        if whole.y is not None and model.needs_label:
+            check_labels(f"{data} y", whole.y, model.config.num_classes, len(whole))
+        splits = DatasetSplits(
+            data, own.train, own.val, whole, own.class_names, own.binarize, own.split_seed
+        )
+    else:
+        splits = load_dataset(data or info["spec"], **how)
     metrics = evaluate_model(model, splits, k=k, seed=seed, device=torch_device)
+    if whole_file:
+        metrics["test_split"] = "whole file"
     for key in ("epochs", "best_epoch", "train_seconds"):
         if key in ckpt.metrics:
             metrics[key] = ckpt.metrics[key]
