@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from vaeserve.training.config import (
     ARCHS,
@@ -68,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"({d.seed})")
     p.add_argument("--device", choices=DEVICES, help=f"({d.device})")
     p.add_argument("--num-threads", type=int, help="torch threads (torch's default)")
+    p.add_argument(
+        "--save-interval-s",
+        type=float,
+        help=f"resumable checkpoint at most every S seconds, and at the end ({d.save_interval_s})",
+    )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument(
         "--resume",
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
     progress, log_level = not args.pop("no_progress"), args.pop("log_level")
+    if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun, rank 0 reports
+        log_level = "WARNING"
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if "hidden_dims" in args:
         args["hidden_dims"] = tuple(args["hidden_dims"])
@@ -98,5 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         metrics = train(config, out, resume=resume, progress=progress)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"vae-train: error: {exc}\n")
-    print(json.dumps(metrics, indent=2))
+    if metrics:  # under torchrun, only rank 0 evaluates
+        print(json.dumps(metrics, indent=2))
     return 0

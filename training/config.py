@@ -172,6 +172,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    save_interval_s: float = 10.0  # a resumable checkpoint at most this often, and at the end
 
     def __post_init__(self) -> None:
         _check_choice("model", self.model, KINDS)
@@ -200,6 +201,9 @@ class TrainConfig:
         _check_choice("device", self.device, DEVICES)
         if self.num_threads is not None:
             _check_int("num_threads", self.num_threads, 1)
+        _check_float("save_interval_s", self.save_interval_s)
+        if self.save_interval_s < 0:
+            raise _fail("save_interval_s", "seconds >= 0", self.save_interval_s)
         if not isinstance(self.dataset, str) or not self.dataset:
             raise _fail("dataset", "a dataset spec string", self.dataset)
 

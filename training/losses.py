@@ -111,11 +111,13 @@ def elbo_terms(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> ElboTerms:
-    """Single-sample ELBO estimate with the KL term in closed form."""
+    """Single-sample ELBO estimate with the KL term in closed form; ``eps`` (B, latent_dim):
+    the noise to use instead of drawing it."""
     y = _labels(model, y)
     mu, logvar = model.encode(x, y)
-    z = reparameterize(mu, logvar, generator)  # (B, latent_dim)
+    z = reparameterize(mu, logvar, generator, eps)  # (B, latent_dim)
     rec = log_likelihood(model, x, model.decoder_params(z, y))
     kl = kl_normal(mu, logvar, model.prior_mean(y, len(x)) if y is not None else None)
     return ElboTerms(elbo=rec - kl, log_likelihood=rec, kl=kl)
@@ -128,8 +130,10 @@ def _log_weights(
     k: int,
     beta: float,
     generator: torch.Generator | None,
+    eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns log w (k, B), log p(x|z) (k, B) and the closed-form KL (B,)."""
+    """Returns log w (k, B), log p(x|z) (k, B) and the closed-form KL (B,); ``eps``
+    (k, B, latent_dim): the noise to use instead of drawing it."""
     y = _labels(model, y)
     batch = len(x)
     mu, logvar = model.encode(x, y)  # (B, latent_dim)
@@ -139,7 +143,8 @@ def _log_weights(
     log_w, log_px = [], []
     for start in range(0, k, chunk):
         s = min(chunk, k - start)
-        z = reparameterize(mu.expand(s, -1, -1), logvar.expand(s, -1, -1), generator)
+        noise = None if eps is None else eps[start : start + s]
+        z = reparameterize(mu.expand(s, -1, -1), logvar.expand(s, -1, -1), generator, noise)
         flat_y = None if y is None else y.repeat(s)  # matches z.flatten(0, 1): sample-major
         params = model.decoder_params(z.flatten(0, 1), flat_y)
         x_rep = x.expand(s, *x.shape).flatten(0, 1)  # (s*B, C, H, W)
@@ -159,13 +164,14 @@ def iwae_bound(
     k: int = 1,
     beta: float = 1.0,
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance-weighted bound log (1/k) Σ_i p(x, z_i)/q(z_i|x) (Burda et al. 2016); (B,).
 
     With k = 1 its expectation is the ELBO; it never decreases in expectation as k grows and
     tends to log p(x). `beta` scales log p(z)/q(z|x) for KL warm-up (β ≠ 1 is not a bound).
     """
-    log_w, _, _ = _log_weights(model, x, y, k, beta, generator)
+    log_w, _, _ = _log_weights(model, x, y, k, beta, generator, eps)
     return torch.logsumexp(log_w, dim=0) - math.log(k)
 
 
@@ -191,12 +197,14 @@ def training_loss(
     y: torch.Tensor | None = None,
     beta: float = 1.0,
     k: int = 1,
+    eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, per-image ELBO estimate): −mean of the β-ELBO (k = 1) or of the IWAE
-    bound with k samples. The second value is detached, for progress reports."""
+    bound with k samples. The second value is detached, for progress reports. ``eps``
+    (k, B, latent_dim): the noise to use instead of drawing it."""
     if k == 1:
-        terms = elbo_terms(model, x, y)
+        terms = elbo_terms(model, x, y, eps=None if eps is None else eps[0])
         loss = -(terms.log_likelihood - beta * terms.kl).mean()
         return loss, terms.elbo.detach()
-    bound = iwae_bound(model, x, y, k, beta)
+    bound = iwae_bound(model, x, y, k, beta, eps=eps)
     return -bound.mean(), bound.detach()

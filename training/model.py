@@ -23,7 +23,10 @@ def build_model(config: ModelConfig) -> VAE:
 
 
 def reparameterize(
-    mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draws z = μ + σ·ε with ε ~ N(0, I) (Kingma & Welling 2014, section 2.4).
 
@@ -34,11 +37,16 @@ def reparameterize(
         mu: posterior means, any shape.
         logvar: posterior log-variances, same shape.
         generator: optional generator for reproducible noise; torch's global one otherwise.
+        eps: the standard normal noise itself, of the shape of `mu` (distributed training
+            draws a global batch's noise once and gives each rank its part).
 
     Returns:
         A sample of the shape of `mu` that carries gradients to `mu` and `logvar`.
     """
-    if generator is None:
+    if eps is not None:
+        if eps.shape != mu.shape:
+            raise ValueError(f"eps: shape {tuple(eps.shape)}, expected {tuple(mu.shape)}")
+    elif generator is None:
         eps = torch.randn_like(mu)
     else:
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)

@@ -16,10 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vaeserve.atomic import write_atomically
+from vaeserve.training import distributed
 from vaeserve.training.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -27,7 +32,8 @@ from vaeserve.training.checkpoint import (
     save_checkpoint,
 )
 from vaeserve.training.config import TrainConfig
-from vaeserve.training.data import DatasetSplits, Split, load_dataset
+from vaeserve.training.data import DatasetSplits, Split, iter_batches, load_dataset
+from vaeserve.training.distributed import Ranks, local_positions
 from vaeserve.training.evaluate import evaluate_model, finite_metrics, resolve_device, write_grids
 from vaeserve.training.losses import elbo_terms, iwae_bound, training_loss
 from vaeserve.training.model import VAE, build_model
@@ -37,11 +43,13 @@ __all__ = ["RESUMABLE", "resume_config", "train"]
 logger = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.json"
-_SAVE_INTERVAL_S = 10.0  # a resumable checkpoint at most this often, and after the last epoch
 _VAL_SEED = 12345  # the same ε every epoch, so validation ELBOs differ by the model alone
 _VAL_BATCH = 1024
+# Purposes of the generators derived from the run's seed (_derived_seed): each epoch's order
+# and binarization, each step's noise. Every rank derives the same ones.
+_ORDER, _BINARIZE, _NOISE = 1, 2, 3
 # Settings that a resumed run may change; every other one is the stored run's.
-RESUMABLE = ("epochs", "device", "num_threads", "eval_k")
+RESUMABLE = ("epochs", "device", "num_threads", "eval_k", "save_interval_s")
 
 
 @dataclass
@@ -90,8 +98,24 @@ def train(
         )
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    device = resolve_device(config.device)
-    splits = load_dataset(config.dataset, binarize=config.binarize)
+    ranks, device = distributed.start(resolve_device(config.device))
+    try:
+        return _train(config, out_dir, stored, ranks, device, progress)
+    finally:
+        ranks.stop()
+
+
+def _train(
+    config: TrainConfig,
+    out_dir: Path,
+    stored: Checkpoint | None,
+    ranks: Ranks,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    # Memory-mapped where the file allows: each step reads and moves only its own rows.
+    splits = load_dataset(config.dataset, binarize=config.binarize, mmap=True)
     if config.model == "cvae" and splits.num_classes is None:
         raise ValueError(f"model: a CVAE needs labels; dataset {config.dataset} has none")
     model_config = config.model_config(splits.shape, splits.num_classes)
@@ -101,7 +125,11 @@ def train(
     state = _Progress(best_state=_copy_state(model))
     if stored is not None:
         state = _restore(stored.resume, model, optimizer, stored.state_dict, device)
-    logger.info("device %s, %s, data %s", device, model_config, splits.info()["sizes"])
+    if ranks.main:
+        logger.info(
+            "device %s, %s, data %s, %d process(es)",
+            device, model_config, splits.info()["sizes"], ranks.world_size,
+        )  # fmt: skip
 
     def save(metrics: dict[str, Any] | None = None, resume: dict[str, Any] | None = None) -> None:
         save_checkpoint(
@@ -115,7 +143,10 @@ def train(
             resume=resume or _resume_state(state, model, optimizer, device),
         )
 
-    _fit(model, optimizer, splits, config, state, device, save, progress)
+    _fit(model, optimizer, splits, config, state, device, save, progress, ranks)
+    if not ranks.main:  # rank 0 evaluates and writes the run; the others are done
+        ranks.barrier()
+        return {}
     last = _resume_state(state, model, optimizer, device)  # before the best weights replace it
     model.load_state_dict(state.best_state)
     metrics = _final_metrics(model, splits, config, state, device)
@@ -123,6 +154,7 @@ def train(
     _write_json(out_dir / METRICS_NAME, metrics)
     write_grids(model, splits, out_dir, seed=config.seed, device=device)
     logger.info("metrics: %s", json.dumps(metrics))
+    ranks.barrier()
     return metrics
 
 
@@ -166,11 +198,15 @@ def _fit(
     device: torch.device,
     save: Callable[[], None],
     progress: bool,
+    ranks: Ranks,
 ) -> None:
-    train_x, train_y = _tensors(splits.train, device)
-    val_x, val_y = _tensors(splits.val, device)
-    steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
+    steps_per_epoch = math.ceil(len(splits.train) / config.batch_size)
     bound_name = "val_elbo" if config.train_k == 1 else f"val_iwae{config.train_k}"
+    step_loss: nn.Module = _StepLoss(model)
+    if ranks.distributed:  # averages the gradients of the ranks' parts of each global batch
+        step_loss = DistributedDataParallel(
+            step_loss, device_ids=[device] if device.type == "cuda" else None
+        )
     last_save = time.monotonic()
     bar = tqdm(
         range(state.epoch, config.epochs),
@@ -178,75 +214,128 @@ def _fit(
         total=config.epochs,
         desc="train",
         unit="epoch",
-        disable=not progress,
+        disable=not progress or not ranks.main,
     )
     for epoch in bar:
-        start = time.perf_counter()
-        # Dynamic binarization: a fresh Bernoulli draw of the grey training images each epoch.
-        x_epoch = torch.bernoulli(train_x) if splits.binarize == "dynamic" else train_x
-        loss = _train_epoch(model, optimizer, x_epoch, train_y, config, epoch * steps_per_epoch)
-        val_bound = _val_bound(model, val_x, val_y, config.train_k, device)
-        state.train_seconds += time.perf_counter() - start
+        start_time = time.perf_counter()
+        loss = _train_epoch(
+            step_loss, model, optimizer, splits, config, epoch, steps_per_epoch, ranks, device
+        )
+        # Every rank computes the same bound from the same weights: no message needed.
+        val_bound = _val_bound(model, splits.val, config.train_k, device)
+        state.train_seconds += time.perf_counter() - start_time
         state.epoch = epoch + 1
         state.history.append({"epoch": epoch + 1, "loss": loss, "val_bound_nats": val_bound})
         if val_bound > state.best_val_bound:
             state.best_val_bound, state.best_epoch = val_bound, epoch + 1
             state.best_state = _copy_state(model)
         bar.set_postfix({"loss": f"{loss:.2f}", bound_name: f"{val_bound:.2f}"})
-        if time.monotonic() - last_save > _SAVE_INTERVAL_S or state.epoch == config.epochs:
+        if ranks.main and (
+            time.monotonic() - last_save >= config.save_interval_s or state.epoch == config.epochs
+        ):
             save()
             last_save = time.monotonic()
     bar.close()
 
 
+class _StepLoss(nn.Module):
+    """One rank's loss for its part of a global batch, as a module that
+    DistributedDataParallel can wrap: the batch's mean loss times ``weight`` (the share that
+    makes the averaged gradients those of the global batch)."""
+
+    def __init__(self, model: VAE):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        beta: float,
+        k: int,
+        eps: torch.Tensor,
+        weight: float,
+    ) -> torch.Tensor:
+        if len(x) == 0:  # fewer rows than ranks: take part in the gradient exchange with 0
+            return sum(p.sum() for p in self.model.parameters()) * 0.0
+        loss, _ = training_loss(self.model, x, y, beta, k, eps)
+        return loss * weight
+
+
 def _train_epoch(
+    step_loss: nn.Module,
     model: VAE,
     optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
+    splits: DatasetSplits,
     config: TrainConfig,
-    first_step: int,
+    epoch: int,
+    steps_per_epoch: int,
+    ranks: Ranks,
+    device: torch.device,
 ) -> float:
+    """One epoch over global batches of ``config.batch_size``; returns the mean loss per
+    image over all ranks."""
     model.train()
-    order = torch.randperm(len(x)).to(x.device)
-    steps_per_epoch = math.ceil(len(x) / config.batch_size)
+    split = splits.train
+    order = torch.randperm(len(split), generator=_generator("cpu", config.seed, _ORDER, epoch))
     warmup_steps = config.kl_warmup_epochs * steps_per_epoch
-    total = 0.0
-    for i, start in enumerate(range(0, len(x), config.batch_size)):
-        idx = order[start : start + config.batch_size]
-        step = first_step + i
+    latent = model.config.latent_dim
+    total, seen = 0.0, 0
+    for i, begin in enumerate(range(0, len(split), config.batch_size)):
+        batch = order[begin : begin + config.batch_size]
+        step = epoch * steps_per_epoch + i
         beta = config.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else config.beta
-        loss, _ = training_loss(model, x[idx], None if y is None else y[idx], beta, config.train_k)
+        part = local_positions(len(batch), ranks)
+        idx = batch[part].numpy()
+        x = torch.from_numpy(np.ascontiguousarray(split.x[idx])).to(device)
+        y = None if split.y is None else torch.from_numpy(split.y[idx]).to(device)
+        # The step's randomness is drawn for the whole global batch, the same on every rank,
+        # and each rank takes its part: one process and N draw alike.
+        noise = _generator(device, config.seed, _NOISE, step)
+        eps = torch.randn((config.train_k, len(batch), latent), generator=noise, device=device)
+        if splits.binarize == "dynamic":  # a fresh Bernoulli draw of the grey images
+            draw = _generator(device, config.seed, _BINARIZE, step)
+            u = torch.rand((len(batch), *x.shape[1:]), generator=draw, device=device)
+            x = (u[part] < x).to(x.dtype)
+        weight = len(idx) / len(batch) * ranks.world_size
+        loss = step_loss(x, y, beta, config.train_k, eps[:, part], weight)
         if not torch.isfinite(loss):
             raise RuntimeError(f"training diverged (loss {loss.item()}); try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(idx)
-    return total / len(x)
+        if len(idx):
+            total += loss.item() / weight * len(idx)
+            seen += len(idx)
+    if ranks.distributed:  # the epoch's loss over every rank's images, as one process has it
+        sums = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, seen = sums.tolist()
+    return total / max(seen, 1)
+
+
+def _derived_seed(seed: int, purpose: int, index: int) -> int:
+    """A seed for one purpose and epoch or step, well mixed from the run's seed."""
+    return int(np.random.SeedSequence([seed, purpose, index]).generate_state(1, np.uint64)[0])
+
+
+def _generator(device: torch.device | str, seed: int, purpose: int, index: int):
+    return torch.Generator(device=device).manual_seed(_derived_seed(seed, purpose, index))
 
 
 @torch.no_grad()
-def _val_bound(
-    model: VAE, x: torch.Tensor, y: torch.Tensor | None, k: int, device: torch.device
-) -> float:
+def _val_bound(model: VAE, split: Split, k: int, device: torch.device) -> float:
     """Validation value of the training objective at β = 1: the ELBO, or the k-sample IWAE
     bound, whose best epoch comes long after the ELBO's (the ELBO falls as IWAE trains)."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(_VAL_SEED)
     total = 0.0
-    for start in range(0, len(x), _VAL_BATCH):
-        xb, yb = x[start : start + _VAL_BATCH], None if y is None else y[start : start + _VAL_BATCH]
+    for xb, yb in iter_batches(split, _VAL_BATCH, device):
         if k == 1:
             total += elbo_terms(model, xb, yb, generator).elbo.sum().item()
         else:
             total += iwae_bound(model, xb, yb, k, generator=generator).sum().item()
-    return total / len(x)
-
-
-def _tensors(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    x = torch.from_numpy(split.x).to(device)
-    return x, None if split.y is None else torch.from_numpy(split.y).to(device)
+    return total / len(split)
 
 
 def _copy_state(model: VAE) -> dict[str, torch.Tensor]:
