@@ -470,6 +470,9 @@ def test_deploy_yaml_parses() -> None:
     assert set(_documents()) == {
         ("PersistentVolumeClaim", "vaeserve-models"),
         ("Job", "vaeserve-train"),
+        ("Service", "vaeserve-train-ddp"),
+        ("PersistentVolumeClaim", "vaeserve-runs"),
+        ("Job", "vaeserve-train-ddp"),
         ("Deployment", "vaeserve"),
         ("Service", "vaeserve"),
         ("Service", "vaeserve-headless"),
@@ -551,6 +554,51 @@ def test_k8s_training_job_runs_our_entry_points() -> None:
     argv = container["command"] + container["args"]
     assert_runs_our_entry_point(argv, "Job vaeserve-train")
     assert container["image"] == "vaeserve:train"
+
+
+def _variables(args: list[str]) -> set[str]:
+    """The $(NAME) references Kubernetes expands in a container's args."""
+    return {name for arg in args for name in re.findall(r"\$\((\w+)\)", arg)}
+
+
+def test_k8s_distributed_training_job_runs_torchrun_with_real_flags() -> None:
+    docs = _documents()
+    job = docs[("Job", "vaeserve-train-ddp")][1]
+    container = _container(job)
+    assert container["command"] == ["torchrun"] and container["image"] == "vaeserve:train"
+    args = container["args"]
+    module = args.index("-m")
+    assert args[module + 1] == "vaeserve.training"
+    launcher, script = args[:module], args[module + 2 :]
+    torchrun_help = subprocess.run(
+        [str(BIN / "torchrun"), "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
+    for flag in _flags(["torchrun", *launcher]):
+        assert flag in torchrun_help, f"torchrun has no flag {flag}"
+    assert_runs_our_entry_point(["vae-train", *script], "Job vaeserve-train-ddp")
+    options = dict(arg.split("=", 1) for arg in launcher if "=" in arg)
+    spec = job["spec"]
+    # One pod per node, pod i is node rank i, pod 0 is the rendezvous host.
+    assert spec["completionMode"] == "Indexed"
+    assert int(options["--nnodes"]) == spec["completions"] == spec["parallelism"]
+    assert options["--node-rank"] == "$(JOB_COMPLETION_INDEX)"
+    assert _variables(args) <= {"JOB_COMPLETION_INDEX"} | {
+        e["name"] for e in container.get("env", [])
+    }  # JOB_COMPLETION_INDEX: set by Kubernetes in an Indexed Job's pods
+    pod = spec["template"]["spec"]
+    service = docs[("Service", pod["subdomain"])][1]["spec"]
+    assert options["--master-addr"] == f"{job['metadata']['name']}-0.{pod['subdomain']}"
+    assert service["clusterIP"] == "None"
+    assert service["selector"] == {"job-name": job["metadata"]["name"]}
+    (port,) = service["ports"]
+    assert int(options["--master-port"]) == port["port"] == container["ports"][0]["containerPort"]
+    # The run folder is shared: rank 0 writes it, a restarted job resumes from it.
+    out = next(arg.split("=", 1)[1] for arg in script if arg.startswith("--out="))
+    mount = next(m for m in container["volumeMounts"] if out.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claim = docs[("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])][1]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert "--resume-if-present" in script
 
 
 def test_kserve_runtime_args_parse_as_vae_serve_flags() -> None:

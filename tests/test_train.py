@@ -221,3 +221,14 @@ def test_save_grid_writes_a_png_atomically(tmp_path):
 def test_save_grid_rejects_bad_input(tmp_path, images, nrow, message):
     with pytest.raises(ValueError, match=message):
         save_grid(images, tmp_path / "grid.png", nrow=nrow)
+
+
+def test_resume_if_present_starts_then_continues_and_refuses_other_settings(tmp_path, capsys):
+    """What a restarting job runs: the same command starts the run, then continues it."""
+    assert _train_cli(tmp_path, "--epochs", "1", "--resume-if-present") == 0
+    assert _train_cli(tmp_path, "--epochs", "2", "--resume-if-present") == 0
+    assert load_checkpoint(tmp_path / "checkpoint.pt").epoch == 2
+    with pytest.raises(SystemExit):
+        _train_cli(tmp_path, "--epochs", "3", "--latent-dim", "3", "--resume-if-present")
+    assert "settings differ from the stored run: latent_dim" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "checkpoint.pt").epoch == 2

@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 
+from vaeserve.training.checkpoint import CHECKPOINT_NAME
 from vaeserve.training.config import (
     ARCHS,
     BINARIZE_MODES,
@@ -84,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         + " may be given with it",
     )
     p.add_argument(
+        "--resume-if-present",
+        action="store_true",
+        default=False,
+        help="continue the run in --out if it holds one, whose settings must equal these, "
+        "else start it: for jobs that restart (a Kubernetes Job's retries, torchrun "
+        "--max-restarts)",
+    )
+    p.add_argument(
         "--no-progress", action="store_true", default=False, help="hide the progress bar"
     )
     p.add_argument("--log-level", default="INFO", help="(INFO)")
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = vars(parser.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
+    if_present = args.pop("resume_if_present")
     progress, log_level = not args.pop("no_progress"), args.pop("log_level")
     if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun, rank 0 reports
         log_level = "WARNING"
@@ -102,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     if "hidden_dims" in args:
         args["hidden_dims"] = tuple(args["hidden_dims"])
     try:
+        if resume and if_present:
+            raise ValueError("--resume and --resume-if-present: give one of them")
         config = resume_config(out, **args) if resume else TrainConfig(**args)
+        if if_present:  # the stored settings must be these (train() compares them)
+            resume = (Path(out) / CHECKPOINT_NAME).exists()
         metrics = train(config, out, resume=resume, progress=progress)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"vae-train: error: {exc}\n")
