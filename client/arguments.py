@@ -9,10 +9,21 @@ from pathlib import Path
 
 from vaeserve.client.shards import FORMATS
 
-__all__ = ["MAX_SEED", "TOKEN_ENV", "UsageError", "check_args", "parse_args"]
+__all__ = [
+    "INDEX_ENV",
+    "MAX_SEED",
+    "TOKEN_ENV",
+    "UsageError",
+    "check_args",
+    "check_finalize_args",
+    "parse_args",
+]
 
 MAX_SEED = 2**64 - 1
 TOKEN_ENV = "VAESERVE_TOKEN"
+INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by a Kubernetes Indexed Job: 0..completions-1
+# What --finalize reads from the folder instead of the command line.
+_FINALIZE_FLAGS = ("out", "finalize", "log_level", "no_progress")
 
 
 class UsageError(Exception):
@@ -20,15 +31,23 @@ class UsageError(Exception):
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    # --finalize reads the job from --out: the job's own flags are not required then.
+    finalizing, _ = _parser(required=False).parse_known_args(argv)
+    return _parser(required=not finalizing.finalize).parse_args(argv)
+
+
+def _parser(required: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vae-generate",
-        description="Generate N samples of a VAE/CVAE into shard files; re-run to resume.",
+        description="Generate N samples of a VAE/CVAE into shard files; re-run to resume. "
+        "A job can be split across workers (--num-workers, --worker-index), each writing its "
+        "own shards into the same --out: see docs/generate.md.",
     )
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group(required=required)
     where.add_argument("--server", help="host:port of vae-serve; several, comma-separated")
     where.add_argument("--local", metavar="REPO", help="run in-process on this model repository")
-    p.add_argument("--model", required=True, help="NAME or NAME:VERSION (default: highest)")
-    p.add_argument("--num", type=int, required=True, help="number of samples")
+    p.add_argument("--model", required=required, help="NAME or NAME:VERSION (default: highest)")
+    p.add_argument("--num", type=int, required=required, help="number of samples")
     p.add_argument("--out", type=Path, required=True, help="output folder of the job")
     p.add_argument(
         "--labels",
@@ -62,8 +81,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--client-key", type=Path, help="PEM key of --client-cert")
     p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        metavar="N",
+        help="split the job across N workers writing into one --out; worker I writes shards "
+        "s with s mod N == I, and the last to finish verifies all and writes job.json",
+    )
+    p.add_argument(
+        "--worker-index",
+        type=int,
+        metavar="I",
+        help=f"this worker, 0..N-1 (default: ${INDEX_ENV}, as a Kubernetes Indexed Job sets it)",
+    )
+    p.add_argument(
+        "--finalize",
+        action="store_true",
+        help="with --out only: verify every shard of a job split across workers and write its "
+        "job.json (the last worker to finish does this on its own)",
+    )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return p.parse_args(argv)
+    return p
 
 
 def check_args(args: argparse.Namespace) -> tuple[str, int]:
@@ -104,4 +142,51 @@ def check_args(args: argparse.Namespace) -> tuple[str, int]:
     ):
         if path is not None and not path.is_file():
             raise UsageError(f"{flag}: {path} is not a readable file")
+    _check_worker(args)
     return name, int(version_text or 0)
+
+
+def _check_worker(args: argparse.Namespace) -> None:
+    """Resolve --worker-index (default $JOB_COMPLETION_INDEX, read by main into index_env)."""
+    n, index = args.num_workers, args.worker_index
+    if n is None:
+        if index is not None:
+            raise UsageError("--worker-index: needs --num-workers (the number of workers)")
+        return  # a single-process job, whatever the environment holds
+    if n < 1:
+        raise UsageError(f"--num-workers: expected an integer >= 1, got {n}")
+    source = "--worker-index"
+    if index is None:
+        text = getattr(args, "index_env", None)
+        if text is None:
+            raise UsageError(
+                f"--worker-index: required with --num-workers (or set ${INDEX_ENV}, as a "
+                "Kubernetes Indexed Job does)"
+            )
+        if not text.strip().isdigit():
+            raise UsageError(f"--worker-index: ${INDEX_ENV} is {text!r}, expected 0..{n - 1}")
+        index, source = int(text), f"--worker-index (${INDEX_ENV})"
+    if not 0 <= index < n:
+        raise UsageError(f"{source}: expected 0..{n - 1} (--num-workers {n}), got {index}")
+    args.worker_index = index
+    if args.seed is None:
+        raise UsageError(
+            "--seed: required with --num-workers (every worker must draw from one seed)"
+        )
+    if args.preview is not None:
+        raise UsageError("--preview: not with --num-workers (every worker would write it)")
+
+
+def check_finalize_args(args: argparse.Namespace) -> None:
+    """--finalize takes only --out (and --log-level): the job is read from the folder."""
+    defaults = vars(_parser(required=False).parse_args(["--out", "."]))
+    given = [k for k, v in vars(args).items() if k not in _FINALIZE_FLAGS and v != defaults.get(k)]
+    given = [k for k in given if k in defaults]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UsageError(
+            f"--finalize: takes only --out (and --log-level), got {flags}: the job, its "
+            f"workers and parameters are read from {args.out}/workers/job.json"
+        )
+    if not args.out.is_dir():
+        raise UsageError(f"--out: {args.out} is not a folder")

@@ -2,6 +2,9 @@
 
 Shards are fetched as pieces of at most ``request_size`` samples, ``concurrency`` pieces in
 flight, and written in order as soon as their last piece is in; job.json records each one.
+A worker of a job split across N (``WorkerRecord``) does the same for the shards it owns,
+recording them in its own file, and ``finalize`` checks every worker's shards and writes
+job.json.
 """
 
 from __future__ import annotations
@@ -18,15 +21,31 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve.client.shards import (
+    JOB_FILE,
+    WORKERS_DIR,
+    JobError,
     JobManifest,
     JobSpec,
-    remove_temporaries,
+    ShardRecord,
+    WorkersDefinition,
+    read_worker,
+    remove_file_temporaries,
+    shard_path,
     verify_shard,
     write_shard,
 )
 from vaeserve.client.sources import SampleSource
 
-__all__ = ["JobEvents", "JobResult", "verify_finished", "run_job", "write_preview"]
+__all__ = [
+    "JobEvents",
+    "JobResult",
+    "JobIncomplete",
+    "verify_finished",
+    "run_job",
+    "unfinished_workers",
+    "finalize",
+    "write_preview",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +86,7 @@ def verify_finished(out_dir: Path, job: JobManifest) -> tuple[int, float]:
         (shards verified good, seconds taken).
     """
     start = time.perf_counter()
-    removed = remove_temporaries(out_dir)
+    removed = job.remove_temporaries(out_dir)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     bad = [k for k, record in job.shards.items() if not verify_shard(out_dir, record)]
@@ -91,7 +110,7 @@ def run_job(
     concurrency: int,
     events: JobEvents = JobEvents(),
 ) -> JobResult:
-    """Produce the shards ``job`` lacks, recording each in job.json; mark the job complete.
+    """Produce the shards ``job`` owns and lacks, recording each; mark the job complete.
 
     Raises:
         Whatever ``source.fetch`` or a shard write raises (a fetch once its retries are
@@ -150,7 +169,7 @@ def run_job(
 def _pieces(spec: JobSpec, job: JobManifest, request_size: int) -> list[tuple[int, int, int]]:
     """(shard, start, stop) requests covering the unfinished shards, in sample order."""
     pieces = []
-    for shard in range(spec.num_shards):
+    for shard in job.owned_shards:
         if shard in job.shards:
             continue
         start, stop = spec.shard_range(shard)
@@ -158,6 +177,70 @@ def _pieces(spec: JobSpec, job: JobManifest, request_size: int) -> list[tuple[in
             (shard, a, min(a + request_size, stop)) for a in range(start, stop, request_size)
         ]
     return pieces
+
+
+class JobIncomplete(JobError):
+    """finalize found shards missing or damaged; ``workers`` are the ones to run again."""
+
+    def __init__(self, message: str, workers: list[int]):
+        super().__init__(message)
+        self.workers = workers
+
+
+def unfinished_workers(out_dir: Path, definition: WorkersDefinition) -> list[int]:
+    """The workers whose record is missing or not marked complete (a cheap look, no hashing)."""
+    records = (read_worker(out_dir, i) for i in range(definition.num_workers))
+    return [i for i, r in enumerate(records) if r is None or not r.complete]
+
+
+def finalize(out_dir: Path, definition: WorkersDefinition) -> JobManifest:
+    """Verify every shard of the job against its worker's record, then write job.json.
+
+    Idempotent: job.json is rewritten only when its bytes would change, and two finalizers
+    would write the same bytes (the caller serialises them anyway). The job.json written is
+    the one a single process running the whole job ends with.
+
+    Raises:
+        JobIncomplete: a shard not recorded by its worker, absent, or not matching its sha256.
+        JobError: a worker record of another job.
+    """
+    spec, n = definition.spec, definition.num_workers
+    records: dict[int, ShardRecord] = {}
+    problems: list[tuple[int, str]] = []
+    for i in range(n):
+        worker = read_worker(out_dir, i)
+        if worker is not None and WorkersDefinition(worker.spec, worker.num_workers) != definition:
+            raise JobError(f"{out_dir / WORKERS_DIR}/worker-{i}.json: records another job")
+        for k in range(i, spec.num_shards, n):
+            record = None if worker is None else worker.shards.get(k)
+            if record is None:
+                problems.append((k, "not finished"))
+            elif not (out_dir / record.path).exists():
+                problems.append((k, "missing"))
+            elif not verify_shard(out_dir, record):
+                problems.append((k, "sha256 differs from the worker's record"))
+            else:
+                records[k] = record
+    if problems:
+        problems.sort()
+        named = [f"{shard_path(spec, k)} (worker {k % n}: {why})" for k, why in problems[:10]]
+        more = f" and {len(problems) - 10} more" if len(problems) > 10 else ""
+        workers = sorted({k % n for k, _ in problems})
+        raise JobIncomplete(
+            f"{len(problems)} of {spec.num_shards} shards are not done: "
+            + ", ".join(named) + more, workers
+        )  # fmt: skip
+    for folder in (out_dir, out_dir / WORKERS_DIR):  # left by a finalize or a worker killed
+        remove_file_temporaries(folder, JOB_FILE)
+    job = JobManifest(spec, records, complete=True)
+    text = job.to_json()
+    path = out_dir / JOB_FILE
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        job.save(out_dir)
+        log.info("finalized: verified %d shards, wrote %s", spec.num_shards, path)
+    else:
+        log.info("finalized already: verified %d shards, %s unchanged", spec.num_shards, path)
+    return job
 
 
 def write_preview(source: SampleSource, spec: JobSpec, path: Path) -> None:

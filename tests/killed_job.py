@@ -6,6 +6,9 @@ POINT is ``samples:M`` (once M samples arrived, whether or not their shard is wr
 ``written:K`` (shard K on disk under its temporary name, not yet renamed), ``published:K``
 (renamed, not yet in job.json) or ``recorded:K`` (in job.json), or ``none``. The kill comes
 through vae-generate's public JobEvents, from outside the shipped code.
+
+With $KILLED_JOB_SPY set to a file, each shard this process writes (JobEvents.shard_written)
+is appended to it, one index a line: what a test of workers checks ownership with.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
 from vaeserve.client.generate import main
 from vaeserve.client.job import JobEvents
@@ -51,5 +55,19 @@ def kill_events(point: str) -> JobEvents:
     return JobEvents(**{f"shard_{name}": event})
 
 
+def spied(events: JobEvents, path: str | None) -> JobEvents:
+    """``events``, also appending each shard written to ``path`` (before a kill there)."""
+    if not path:
+        return events
+
+    def record(shard: int) -> None:
+        with open(path, "a") as f:
+            f.write(f"{shard}\n")
+        events.shard_written(shard)
+
+    return replace(events, shard_written=record)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[2:], events=kill_events(sys.argv[1])))
+    events = spied(kill_events(sys.argv[1]), os.environ.get("KILLED_JOB_SPY"))
+    sys.exit(main(sys.argv[2:], events=events))

@@ -33,6 +33,7 @@ from missing import missing
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from vaeserve.client.arguments import INDEX_ENV
 from vaeserve.server.servicer import SERVICE_NAME
 from vaeserve.server.settings import ServerSettings, build_parser
 
@@ -473,6 +474,8 @@ def test_deploy_yaml_parses() -> None:
         ("Service", "vaeserve-train-ddp"),
         ("PersistentVolumeClaim", "vaeserve-runs"),
         ("Job", "vaeserve-train-ddp"),
+        ("PersistentVolumeClaim", "vaeserve-samples"),
+        ("Job", "vaeserve-generate"),
         ("Deployment", "vaeserve"),
         ("Service", "vaeserve"),
         ("Service", "vaeserve-headless"),
@@ -594,11 +597,39 @@ def test_k8s_distributed_training_job_runs_torchrun_with_real_flags() -> None:
     assert int(options["--master-port"]) == port["port"] == container["ports"][0]["containerPort"]
     # The run folder is shared: rank 0 writes it, a restarted job resumes from it.
     out = next(arg.split("=", 1)[1] for arg in script if arg.startswith("--out="))
-    mount = next(m for m in container["volumeMounts"] if out.startswith(m["mountPath"] + "/"))
-    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-    claim = docs[("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])][1]
+    _, claim = _mounted_claim(docs, pod, container, out)
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert "--resume-if-present" in script
+
+
+def _mounted_claim(docs, pod: dict[str, Any], container: dict[str, Any], path: str):
+    """(volume mount, claim) of the PersistentVolumeClaim that holds ``path`` in the pod."""
+    mount = next(m for m in container["volumeMounts"] if (path + "/").startswith(m["mountPath"]))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claim = docs[("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])][1]
+    return mount, claim
+
+
+def test_k8s_generation_job_splits_one_job_across_indexed_pods() -> None:
+    docs = _documents()
+    job = docs[("Job", "vaeserve-generate")][1]
+    container = _container(job)
+    assert container["command"] == ["vae-generate"] and container["image"] == "vaeserve:client"
+    args = container["args"]
+    assert_runs_our_entry_point(["vae-generate", *args], "Job vaeserve-generate")
+    options = dict(arg.split("=", 1) for arg in args if "=" in arg)
+    spec = job["spec"]
+    # Worker i of N is pod i: vae-generate reads the index Kubernetes sets in Indexed Jobs.
+    assert spec["completionMode"] == "Indexed"
+    assert int(options["--num-workers"]) == spec["completions"] == spec["parallelism"]
+    assert "--worker-index" not in options and not _variables(args)
+    assert INDEX_ENV == "JOB_COMPLETION_INDEX", "vae-generate no longer reads the index"
+    assert "--seed" in options and ":" in options["--model"], "one seed, one pinned version"
+    pod = spec["template"]["spec"]
+    models, models_claim = _mounted_claim(docs, pod, container, options["--local"])
+    assert models["readOnly"] is True and models_claim["metadata"]["name"] == "vaeserve-models"
+    _, samples = _mounted_claim(docs, pod, container, options["--out"])
+    assert samples["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_kserve_runtime_args_parse_as_vae_serve_flags() -> None:
