@@ -6,7 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from vaeserve.training.data import IDX_FILES, load_dataset, parse_spec
+from vaeserve.training.data import load_dataset, parse_spec
+from vaeserve.training.data_files import IDX_FILES
 
 
 def test_digits_split_is_fixed():

@@ -12,13 +12,9 @@ import torch
 
 from vaeserve.training import evaluate, train
 from vaeserve.training.config import TrainConfig
-from vaeserve.training.data import (
-    ImageRows,
-    iter_batches,
-    load_dataset,
-    load_whole,
-    open_array_file,
-)
+from vaeserve.training.data import load_dataset, load_whole
+from vaeserve.training.data_files import open_array_file
+from vaeserve.training.image_rows import ImageRows, iter_batches
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -18,14 +18,8 @@ import torch
 
 from vaeserve.images import save_grid
 from vaeserve.training.checkpoint import CHECKPOINT_NAME, load_model
-from vaeserve.training.data import (
-    DatasetSplits,
-    Split,
-    check_labels,
-    iter_chunks,
-    load_dataset,
-    load_whole,
-)
+from vaeserve.training.data import DatasetSplits, load_dataset, load_whole
+from vaeserve.training.image_rows import Split, check_labels, iter_chunks
 from vaeserve.training.losses import evaluate_bounds
 from vaeserve.training.model import VAE
 

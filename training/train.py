@@ -32,9 +32,10 @@ from vaeserve.training.checkpoint import (
     save_checkpoint,
 )
 from vaeserve.training.config import TrainConfig
-from vaeserve.training.data import DatasetSplits, Split, iter_batches, load_dataset
+from vaeserve.training.data import DatasetSplits, load_dataset
 from vaeserve.training.distributed import Ranks, local_positions
 from vaeserve.training.evaluate import evaluate_model, finite_metrics, resolve_device, write_grids
+from vaeserve.training.image_rows import Split, iter_batches
 from vaeserve.training.losses import elbo_terms, iwae_bound, training_loss
 from vaeserve.training.model import VAE, build_model
 
