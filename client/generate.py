@@ -11,13 +11,11 @@ job and writes its job.json (the last worker to finish does it on its own).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import logging
 import os
-import secrets
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from vaeserve.client.arguments import (
     check_finalize_args,
     parse_args,
 )
+from vaeserve.client.folder_locks import FINALIZE_LOCK, LOCK_FILE, flock, locked, worker_locked
 from vaeserve.client.job import (
     JobEvents,
     JobIncomplete,
@@ -38,22 +37,19 @@ from vaeserve.client.job import (
     verify_finished,
     write_preview,
 )
+from vaeserve.client.job_plan import plan, plan_worker, refuse
 from vaeserve.client.results import ModelInfo
-from vaeserve.client.shards import (
-    JOB_FILE,
+from vaeserve.client.shards import JOB_FILE, JobError, JobManifest, read_job
+from vaeserve.client.sources import SampleSource
+from vaeserve.client.worker_records import (
     WORKERS_DIR,
-    JobError,
-    JobManifest,
-    JobSpec,
     WorkerRecord,
     WorkersDefinition,
     create_definition,
     read_definition,
-    read_job,
     read_worker,
     worker_file,
 )
-from vaeserve.client.sources import SampleSource
 from vaeserve.errors import VaeServeError
 
 __all__ = ["main"]
@@ -61,48 +57,10 @@ __all__ = ["main"]
 log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_SIZE = 2048
-LOCK_FILE = ".lock"  # exclusive for a single-process run, shared by a job's workers
-FINALIZE_LOCK = f"{WORKERS_DIR}/finalize.lock"
 
 
 class JobFailed(Exception):
     """The job stopped before it was complete: exit code 1."""
-
-
-def _label_pattern(text: str | None, info: ModelInfo) -> tuple[str | None, tuple[int, ...] | None]:
-    """(normalised --labels, label of sample i = pattern[i % len(pattern)])."""
-    if info.kind != "cvae":
-        if text is not None:
-            raise UsageError(f"--labels: model {info.name!r} is a {info.kind} and takes no labels")
-        return None, None
-    text = "balanced" if text is None else text.strip()
-    if text == "balanced":
-        return text, tuple(range(info.num_classes))
-    pattern = []
-    for token in (t.strip() for t in text.split(",")):
-        if token.lstrip("-").isdigit():
-            cls = int(token)
-        elif token in info.class_names:
-            cls = info.class_names.index(token)
-        else:
-            raise UsageError(
-                f"--labels: {token!r} is not a class index or name of {info.name!r}: expected "
-                f"'balanced', 0..{info.num_classes - 1} or one of {list(info.class_names)}"
-            )
-        if not 0 <= cls < info.num_classes:
-            raise UsageError(
-                f"--labels: class {cls} is out of range: expected 0..{info.num_classes - 1}"
-            )
-        pattern.append(cls)
-    return ",".join(map(str, pattern)), tuple(pattern)
-
-
-def _check_images(args: argparse.Namespace, info: ModelInfo) -> None:
-    shape = info.sample_shape
-    is_image = len(shape) == 3 and shape[0] in (1, 3)
-    for flag, used in (("--format png", args.format == "png"), ("--preview", args.preview)):
-        if used and not is_image:
-            raise UsageError(f"{flag}: needs image samples (C, H, W) with C 1 or 3, got {shape}")
 
 
 def _open_source(args: argparse.Namespace) -> SampleSource:
@@ -131,129 +89,15 @@ def _open_source(args: argparse.Namespace) -> SampleSource:
     return ServedSource(client)
 
 
-def _foreign_files(out: Path) -> bool:
-    # A lone lock file is what a run killed before it wrote job.json leaves.
-    return any(p.name != LOCK_FILE for p in out.iterdir())
-
-
-def _plan(
-    args: argparse.Namespace, source: SampleSource, name: str, version: int
-) -> tuple[JobManifest, ModelInfo, bool]:
-    """The job to run (new, or the one recorded in --out), after every argument check.
-
-    Returns:
-        (job, model info, whether job.json is new).
-    """
-    try:
-        existing = read_job(args.out) if args.out.is_dir() else None
-        split = read_definition(args.out) if args.out.is_dir() else None
-    except JobError as exc:
-        raise UsageError(f"--out: {exc}") from None
-    if split is not None:
-        n = split.num_workers
-        raise UsageError(
-            f"--out: {args.out} holds a job split across {n} workers (workers/job.json): run "
-            f"each with --num-workers {n} --worker-index I, or check it with --finalize"
-        )
-    if existing is None and args.out.is_dir() and _foreign_files(args.out):
-        raise UsageError(
-            f"--out: {args.out} holds files that are not a vae-generate job (no job.json); "
-            "choose a new or empty folder"
-        )
-    spec, info = _spec(args, source, name, version, existing.spec if existing else None)
-    if existing is None:
-        return JobManifest(spec), info, True
-    _refuse(args.out, existing.spec.differences(spec))
-    return existing, info, False
-
-
-def _plan_worker(
-    args: argparse.Namespace, source: SampleSource, name: str, version: int
-) -> tuple[WorkersDefinition, ModelInfo]:
-    """The job this worker is part of, checked against workers/job.json if a worker wrote it."""
-    out = args.out
-    try:
-        # Listed first: a worker writes workers/job.json before any shard.
-        names = {p.name for p in out.iterdir()} if out.is_dir() else set()
-        split = read_definition(out) if out.is_dir() else None
-        single = read_job(out) if out.is_dir() else None
-    except JobError as exc:
-        raise UsageError(f"--out: {exc}") from None
-    if split is None and single is not None:
-        raise UsageError(
-            f"--out: {out} holds a job run by a single process (job.json, no workers/job.json): "
-            "resume it without --num-workers, or choose another --out"
-        )
-    if split is None and names - {LOCK_FILE, WORKERS_DIR}:
-        raise UsageError(
-            f"--out: {out} holds files that are not a vae-generate job (no workers/job.json); "
-            "choose a new or empty folder"
-        )
-    spec, info = _spec(args, source, name, version, None if split is None else split.spec)
-    ours = WorkersDefinition(spec, args.num_workers)
-    if split is not None:
-        _refuse(out, split.differences(ours))
-    return ours, info
-
-
-def _spec(
-    args: argparse.Namespace,
-    source: SampleSource,
-    name: str,
-    version: int,
-    recorded: JobSpec | None,
-) -> tuple[JobSpec, ModelInfo]:
-    """The job the arguments ask for; the version and seed ``recorded`` if they leave them out."""
-    pinned = recorded is not None and recorded.model == name and not version
-    if pinned:
-        version = recorded.model_version
-    try:
-        info = source.model_info(name, version)
-    except LookupError as exc:
-        why = f" (the job in {args.out} started with version {version})" if pinned else ""
-        raise UsageError(f"--model: {exc}{why}") from None
-    _check_images(args, info)
-    labels, pattern = _label_pattern(args.labels, info)
-    if args.seed is not None:
-        seed = args.seed
-    else:
-        seed = recorded.seed if recorded else secrets.randbits(63)
-    spec = JobSpec(
-        model=info.name,
-        model_version=info.version,
-        model_sha256=info.manifest.get("decoder", {}).get("sha256", ""),
-        num_samples=args.num,
-        labels=labels,
-        label_pattern=pattern,
-        seed=seed,
-        temperature=args.temperature,
-        output=args.output,
-        encoding=args.encoding or ("uint8" if args.format == "png" else "float32"),
-        latents=args.latents,
-        shard_size=args.shard_size,
-        format=args.format,
-    )
-    return spec, info
-
-
-def _refuse(out: Path, differences: list[str]) -> None:
-    if differences:
-        raise UsageError(
-            f"--out: {out} holds another job, or this one with other parameters or model: "
-            + "; ".join(differences)
-            + ". Re-run with the recorded parameters to resume, or choose another --out"
-        )
-
-
 def _generate(args: argparse.Namespace, events: JobEvents) -> int:
     name, version = check_args(args)
     source = _open_source(args)
     try:
         try:
             if args.num_workers is None:
-                job, info, new = _plan(args, source, name, version)
+                job, info, new = plan(args, source, name, version)
             else:
-                split, info = _plan_worker(args, source, name, version)
+                split, info = plan_worker(args, source, name, version)
         except VaeServeError as exc:
             where = f"--server {args.server}" if args.server else f"--local {args.local}"
             raise JobFailed(f"{where}: {exc.status}: {exc}") from None
@@ -264,12 +108,12 @@ def _generate(args: argparse.Namespace, events: JobEvents) -> int:
             raise UsageError(f"--out: cannot create {folder}: {_reason(exc)}") from None
         try:
             if args.num_workers is None:
-                with _locked(args.out):
+                with locked(args.out):
                     if new:
                         job.save(args.out)
                     _execute(args, source, job, info, events)
             else:
-                with _worker_locked(args.out, args.worker_index):
+                with worker_locked(args.out, args.worker_index):
                     record = _claim(args, split)
                     _execute(args, source, record, info, events)
                     _finish_worker(args, split)
@@ -287,42 +131,10 @@ def _reason(exc: OSError) -> str:
     return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc.strerror or exc)
 
 
-@contextlib.contextmanager
-def _flock(path: Path, operation: int, busy: str = "") -> Iterator[None]:
-    """Hold flock ``operation`` on ``path``; a UsageError saying ``busy`` if it is taken."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, operation)
-        except BlockingIOError:
-            raise UsageError(busy) from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _locked(out: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold ``out/.lock``: two runs writing one folder would undo each other's job.json."""
-    busy = f"--out: {out} is in use by another vae-generate run"
-    return _flock(out / LOCK_FILE, fcntl.LOCK_EX | fcntl.LOCK_NB, busy)
-
-
-@contextlib.contextmanager
-def _worker_locked(out: Path, index: int) -> Iterator[None]:
-    """Share ``out/.lock`` with the other workers, and hold worker ``index``'s own lock."""
-    whole = f"--out: {out} is in use by a vae-generate run of the whole job (no --num-workers)"
-    mine = f"--worker-index: worker {index} of {out} is in use by another vae-generate run"
-    with _flock(out / LOCK_FILE, fcntl.LOCK_SH | fcntl.LOCK_NB, whole):
-        with _flock(
-            out / WORKERS_DIR / f"worker-{index}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB, mine
-        ):
-            yield
-
-
 def _claim(args: argparse.Namespace, ours: WorkersDefinition) -> WorkerRecord:
     """This worker's record, after workers/job.json is written (by the first worker) or agrees."""
     try:
-        _refuse(args.out, create_definition(args.out, ours).differences(ours))
+        refuse(args.out, create_definition(args.out, ours).differences(ours))
         record = read_worker(args.out, args.worker_index)
     except JobError as exc:
         raise UsageError(f"--out: {exc}") from None
@@ -347,7 +159,7 @@ def _finish_worker(args: argparse.Namespace, split: WorkersDefinition) -> None:
                 "every shard and writes %s", me, n, _listed(waiting), args.out / JOB_FILE,
             )  # fmt: skip
             return
-        with _flock(args.out / FINALIZE_LOCK, fcntl.LOCK_EX):  # waits for a finalize under way
+        with flock(args.out / FINALIZE_LOCK, fcntl.LOCK_EX):  # waits for a finalize under way
             finalize(args.out, split)
     except JobIncomplete as exc:
         raise JobFailed(
@@ -374,8 +186,8 @@ def _finalize_command(args: argparse.Namespace) -> int:
             "split across workers (--num-workers)"
         )
     try:
-        with _flock(out / LOCK_FILE, fcntl.LOCK_SH | fcntl.LOCK_NB, f"--out: {out} is in use"):
-            with _flock(out / FINALIZE_LOCK, fcntl.LOCK_EX):
+        with flock(out / LOCK_FILE, fcntl.LOCK_SH | fcntl.LOCK_NB, f"--out: {out} is in use"):
+            with flock(out / FINALIZE_LOCK, fcntl.LOCK_EX):
                 finalize(out, split)
     except JobIncomplete as exc:
         raise JobFailed(f"--finalize: job incomplete: {exc}; {_redo(out, exc.workers)}") from None

@@ -22,19 +22,17 @@ import numpy as np
 
 from vaeserve.client.shards import (
     JOB_FILE,
-    WORKERS_DIR,
     JobError,
     JobManifest,
     JobSpec,
     ShardRecord,
-    WorkersDefinition,
-    read_worker,
     remove_file_temporaries,
     shard_path,
     verify_shard,
     write_shard,
 )
 from vaeserve.client.sources import SampleSource
+from vaeserve.client.worker_records import WORKERS_DIR, WorkersDefinition, read_worker
 
 __all__ = [
     "JobEvents",

@@ -9,10 +9,9 @@ manifest that lists a subset of them. Layout of ``--out DIR``::
     shard-00000/              --format npy: samples.npy, labels.npy, latents.npy
     shard-00000/              --format png: 00000000_<label>.png ... + labels.npy, latents.npy
 
-A job split across N workers (``--num-workers``) adds ``workers/``: ``workers/job.json``, the
-job's definition and N, created once by whichever worker comes first, and
-``workers/worker-I.json``, worker I's record of the shards it owns (s mod N == I) and has
-finished. Every file has one writer; job.json is written only by finalize, once all is verified.
+A job split across N workers (``--num-workers``) adds ``workers/``: its definition and each
+worker's record (worker_records.py), written and read with job.json's helpers here
+(``manifest_json``, ``load_manifest``, ``manifest_contents``).
 
 Files are written byte-deterministically (no timestamps), so a resumed job's files are
 identical to an uninterrupted run's.
@@ -27,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -43,20 +41,16 @@ from vaeserve.manifest import sha256_of_file
 __all__ = [
     "JOB_FILE",
     "JOB_FORMAT",
-    "WORKERS_DIR",
     "FORMATS",
     "JobError",
     "JobSpec",
     "ShardRecord",
     "JobManifest",
-    "WorkerRecord",
-    "WorkersDefinition",
     "read_job",
-    "read_worker",
-    "read_definition",
-    "create_definition",
+    "load_manifest",
+    "manifest_contents",
+    "manifest_json",
     "shard_path",
-    "worker_file",
     "write_shard",
     "verify_shard",
     "remove_temporaries",
@@ -65,9 +59,6 @@ __all__ = [
 
 JOB_FILE = "job.json"
 JOB_FORMAT = "vae-generate-job/1"
-WORKERS_DIR = "workers"  # of a job split across workers: workers/job.json, workers/worker-I.json
-WORKERS_FORMAT = "vae-generate-workers/1"
-WORKER_FORMAT = "vae-generate-worker/1"
 FORMATS = ("npz", "npy", "png")
 _TMP_MARK = ".tmp-"
 _SHARD_TMP = re.compile(r"^\.shard-(\d+)(?:\.npz)?\.tmp-\d+$")  # write_shard's temporaries
@@ -169,7 +160,7 @@ class JobManifest:
         return sum(stop - start for start, stop in ranges)
 
     def to_json(self) -> str:
-        return _manifest_json(JOB_FORMAT, {}, self.spec, self.complete, self.shards)
+        return manifest_json(JOB_FORMAT, {}, self.spec, self.complete, self.shards)
 
     def save(self, out_dir: Path) -> None:
         """Replace ``out_dir/job.json`` atomically."""
@@ -185,58 +176,14 @@ class JobManifest:
         return sum(r.stop - r.start for r in self.shards.values())
 
 
-@dataclass
-class WorkerRecord(JobManifest):
-    """workers/worker-I.json: worker I of N and the shards it owns (s mod N == I) it finished."""
-
-    num_workers: int = 1
-    worker_index: int = 0
-
-    def owns(self, shard: int) -> bool:
-        return shard % self.num_workers == self.worker_index
-
-    def to_json(self) -> str:
-        head = {"num_workers": self.num_workers, "worker_index": self.worker_index}
-        return _manifest_json(WORKER_FORMAT, head, self.spec, self.complete, self.shards)
-
-    def save(self, out_dir: Path) -> None:
-        """Replace ``out_dir/workers/worker-I.json`` atomically (only worker I writes it)."""
-        text = self.to_json().encode()
-        write_atomically(out_dir / worker_file(self.worker_index), lambda f: f.write(text))
-
-    def remove_temporaries(self, out_dir: Path) -> int:
-        # Only this worker's: another worker's may be on its way to a rename right now.
-        mine = remove_temporaries(out_dir, owns=self.owns)
-        name = Path(worker_file(self.worker_index)).name
-        return mine + remove_file_temporaries(out_dir / WORKERS_DIR, name)
-
-
-@dataclass(frozen=True)
-class WorkersDefinition:
-    """workers/job.json: the job its N workers share, written once and compared by each."""
-
-    spec: JobSpec
-    num_workers: int
-
-    def differences(self, other: WorkersDefinition) -> list[str]:
-        found = self.spec.differences(other.spec)
-        if self.num_workers != other.num_workers:
-            found.append(f"num_workers: recorded {self.num_workers}, now {other.num_workers}")
-        return found
-
-    def to_json(self) -> str:
-        job = ",\n".join(f'    "{k}": {json.dumps(v)}' for k, v in self.spec.to_dict().items())
-        return (
-            f'{{\n  "format": {json.dumps(WORKERS_FORMAT)},\n'
-            f'  "num_workers": {self.num_workers},\n  "job": {{\n{job}\n  }}\n}}\n'
-        )
-
-
-def _manifest_json(
+def manifest_json(
     fmt: str, head: dict[str, Any], spec: JobSpec, complete: bool, records: dict[int, ShardRecord]
 ) -> str:
-    # One line per field and per shard, sorted by index and without timestamps: an
-    # interrupted job and an uninterrupted one end with the same job.json.
+    """The text of a manifest (job.json or a worker record), ``head`` after its format.
+
+    One line per field and per shard, sorted by index and without timestamps: an interrupted
+    job and an uninterrupted one end with the same job.json.
+    """
     extra = "".join(f'  "{k}": {json.dumps(v)},\n' for k, v in head.items())
     job = ",\n".join(f'    "{k}": {json.dumps(v)}' for k, v in spec.to_dict().items())
     shards = ",\n".join(f"    {json.dumps(asdict(records[k]))}" for k in sorted(records))
@@ -247,12 +194,7 @@ def _manifest_json(
     )
 
 
-def worker_file(index: int) -> str:
-    """Worker ``index``'s record, relative to the output folder."""
-    return f"{WORKERS_DIR}/worker-{index}.json"
-
-
-def _load(path: Path, fmt: str) -> dict[str, Any] | None:
+def load_manifest(path: Path, fmt: str) -> dict[str, Any] | None:
     """The JSON object in ``path`` if its format is ``fmt``; None when there is no file."""
     if not path.is_file():
         return None
@@ -266,7 +208,10 @@ def _load(path: Path, fmt: str) -> dict[str, Any] | None:
     return data
 
 
-def _contents(path: Path, data: dict[str, Any]) -> tuple[JobSpec, dict[int, ShardRecord], bool]:
+def manifest_contents(
+    path: Path, data: dict[str, Any]
+) -> tuple[JobSpec, dict[int, ShardRecord], bool]:
+    """(job, finished shards by index, complete) of the manifest ``data`` read from ``path``."""
     try:
         spec = JobSpec.from_dict(data["job"])
         shards = [ShardRecord(**s) for s in data["shards"]]
@@ -284,71 +229,8 @@ def read_job(out_dir: Path) -> JobManifest | None:
         JobError: job.json is not a vae-generate job manifest.
     """
     path = out_dir / JOB_FILE
-    data = _load(path, JOB_FORMAT)
-    return None if data is None else JobManifest(*_contents(path, data))
-
-
-def read_worker(out_dir: Path, index: int) -> WorkerRecord | None:
-    """Worker ``index``'s record in ``out_dir``, or None when it has none yet.
-
-    Raises:
-        JobError: the file is not a worker record, or not worker ``index``'s.
-    """
-    path = out_dir / worker_file(index)
-    data = _load(path, WORKER_FORMAT)
-    if data is None:
-        return None
-    spec, shards, complete = _contents(path, data)
-    n, i = data.get("num_workers"), data.get("worker_index")
-    if not (isinstance(n, int) and i == index and 0 <= index < n):
-        raise JobError(f"{path}: not the record of worker {index} (worker {i!r} of {n!r})")
-    return WorkerRecord(spec, shards, complete, num_workers=n, worker_index=index)
-
-
-def read_definition(out_dir: Path) -> WorkersDefinition | None:
-    """The job split across workers in ``out_dir`` (workers/job.json), or None.
-
-    Raises:
-        JobError: workers/job.json is not such a definition.
-    """
-    path = out_dir / WORKERS_DIR / JOB_FILE
-    data = _load(path, WORKERS_FORMAT)
-    if data is None:
-        return None
-    try:
-        n = data["num_workers"]
-        if not (isinstance(n, int) and n >= 1):
-            raise ValueError(f"num_workers is {n!r}")
-        return WorkersDefinition(JobSpec.from_dict(data["job"]), n)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise JobError(f"{path}: not a readable vae-generate job definition ({exc})") from None
-
-
-def create_definition(out_dir: Path, definition: WorkersDefinition) -> WorkersDefinition:
-    """Write workers/job.json unless it exists; return the definition it holds then.
-
-    The file appears complete or not at all (a hard link to a synced temporary, which fails
-    when the name exists), so of workers starting at once exactly one writes it.
-    """
-    path = out_dir / WORKERS_DIR / JOB_FILE
-    if not path.exists():
-        text = definition.to_json().encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{JOB_FILE}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-                fsync_dir(path.parent)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    found = read_definition(out_dir)
-    if found is None:
-        raise JobError(f"{path}: vanished right after it was written")
-    return found
+    data = load_manifest(path, JOB_FORMAT)
+    return None if data is None else JobManifest(*manifest_contents(path, data))
 
 
 def shard_path(spec: JobSpec, index: int) -> str:
