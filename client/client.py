@@ -17,7 +17,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from vaeserve.client.results import DecodeResult, EncodeResult, ModelInfo, SampleResult
+from vaeserve.client.results import (
+    DecodeResult,
+    EncodeResult,
+    ModelInfo,
+    SampleResult,
+    ScoreResult,
+)
 from vaeserve.client.retry import Retrier, RetryPolicy, call_with_retry
 from vaeserve.client.tensors import ENCODINGS, OUTPUTS, AnswerStub, Outgoing
 from vaeserve.errors import ServerError
@@ -329,6 +335,51 @@ class VaeClient:
             {"x": x},
         )
         return self._unary("Reconstruct", request, timeout_s).tensor("x")
+
+    def score(
+        self,
+        model: str,
+        x: np.ndarray,
+        *,
+        version: int = 0,
+        labels: Sequence[int] | np.ndarray | None = None,
+        k: int = 1,
+        seed: int | None = None,
+        start_index: int = 0,
+        timeout_s: float | None = None,
+    ) -> ScoreResult:
+        """x (n, *sample_shape) → per input, in nats (float64 (n,) each): the ELBO, the
+        k-sample importance-weighted bound ``log_px``, E[log p(x|z)] and the closed-form KL.
+
+        Args:
+            labels: CVAE (concat or prior): one class per row.
+            k: importance samples per input (at most the server's ``max_score_samples``, and
+                n * k at most its ``max_score_rows``); with 1, ``log_px`` is the one-draw ELBO
+                estimate.
+            seed: None: the server picks one and returns it in the result.
+            start_index: index of the first input in the seed's scoring sequence.
+        """
+        request = Outgoing(
+            pb.ScoreRequest(
+                model=pb.ModelRef(name=model, version=version),
+                labels=_labels(labels),
+                k=k,
+                seed=seed,
+                start_index=start_index,
+            ),
+            {"x": x},
+        )
+        resp = self._unary("Score", request, timeout_s).message
+        return ScoreResult(
+            model_name=resp.model_name,
+            model_version=resp.model_version,
+            seed=resp.seed,
+            k=resp.k,
+            elbo=np.array(resp.elbo, dtype=np.float64),
+            log_px=np.array(resp.log_px, dtype=np.float64),
+            log_likelihood=np.array(resp.log_likelihood, dtype=np.float64),
+            kl=np.array(resp.kl, dtype=np.float64),
+        )
 
 
 def _sample_request(

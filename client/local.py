@@ -34,6 +34,8 @@ _NO_SERVER_LIMITS = Limits(
     max_stream_chunk_size=sampling.MAX_ROW_INDEX,
     default_stream_chunk_size=sampling.MAX_ROW_INDEX,
     max_stream_samples=sampling.MAX_ROW_INDEX,
+    max_score_samples=sampling.MAX_ROW_INDEX,
+    max_score_rows=sampling.MAX_ROW_INDEX,
 )
 
 

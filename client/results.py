@@ -9,7 +9,7 @@ import numpy as np
 from vaeserve.client.tensors import Answer
 from vaeserve.info import ModelInfo
 
-__all__ = ["ModelInfo", "SampleResult", "EncodeResult", "DecodeResult"]
+__all__ = ["ModelInfo", "SampleResult", "EncodeResult", "DecodeResult", "ScoreResult"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,17 @@ class DecodeResult:
     model_version: int
     x: np.ndarray  # (n, *sample_shape)
     seed: int
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Per input, in nats, float64 (n,) each; ``seed`` reproduces the draws."""
+
+    model_name: str
+    model_version: int
+    seed: int
+    k: int
+    elbo: np.ndarray  # mean over the k draws of log p(x|z), less kl
+    log_px: np.ndarray  # the k-sample importance-weighted bound on log p(x)
+    log_likelihood: np.ndarray  # mean over the k draws of log p(x|z)
+    kl: np.ndarray  # KL(q(z|x) || p(z[|y])), closed form

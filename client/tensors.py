@@ -110,6 +110,7 @@ _TENSOR_ANSWERS = {
     "Encode": ("mu", "logvar", "z"),
     "Decode": ("x",),
     "Reconstruct": ("x",),
+    "Score": (),  # no tensors in the answer, but its request carries x (``Outgoing``)
 }
 
 

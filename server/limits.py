@@ -4,9 +4,9 @@ An interceptor inside the token check (a caller without the token never gets her
 body is never parsed). For every call, of every service (health and reflection included):
 
 - **Size by method.** Only the methods whose requests carry tensors (``TENSOR_METHODS``:
-  Encode, Decode, Reconstruct, ModelInfer) may send up to ``max_message_bytes``; every other
-  request is tiny and is refused RESOURCE_EXHAUSTED past ``max_small_request_bytes``, before
-  it is parsed.
+  Encode, Decode, Reconstruct, Score, ModelInfer) may send up to ``max_message_bytes``; every
+  other request is tiny and is refused RESOURCE_EXHAUSTED past ``max_small_request_bytes``,
+  before it is parsed.
   gRPC checks ``max_message_bytes`` on the decompressed size, while it inflates.
 - **Calls and request bytes in flight.** Past ``max_inflight_calls`` calls, or
   ``max_inflight_request_bytes`` of request bodies held by calls in progress, a new call is

@@ -30,6 +30,7 @@ from vaeserve.server.validation import (
     validate_encode,
     validate_reconstruct,
     validate_sample,
+    validate_score,
 )
 from vaeserve.tensors import describe, wire_samples
 
@@ -134,6 +135,22 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             )
             x = wire_samples(x, request.encoding, model.manifest.value_range)
             return _serialize(answer, {"x": x})
+
+    @map_errors
+    async def Score(self, request, context):
+        with self._use(request.model) as model:
+            job = validate_score(request, model.manifest, self._settings)
+            scores = await pipeline.score(model, job, _deadline(context))
+            return pb.ScoreResponse(
+                model_name=model.manifest.name,
+                model_version=model.manifest.version,
+                seed=job.seed,
+                k=job.k,
+                elbo=scores.elbo.tolist(),
+                log_px=scores.log_px.tolist(),
+                log_likelihood=scores.log_likelihood.tolist(),
+                kl=scores.kl.tolist(),
+            )
 
 
 def _sample_response(

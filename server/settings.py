@@ -82,6 +82,8 @@ class ServerSettings:
     max_stream_samples: int = 1 << 24  # num_samples of one SampleStream call
     default_stream_chunk_size: int = 1024
     max_stream_chunk_size: int = 4096
+    max_score_samples: int = 1000  # k (importance samples per input) of one Score call
+    max_score_rows: int = 65536  # n * k (decoder rows) of one Score call
     max_message_bytes: int = 64 * _MIB  # gRPC send/receive limit; 4096x784 fp32 is 12.8 MB
     grace_period_s: float = 10.0  # how long in-flight calls may finish after SIGTERM
     log_level: str = "INFO"
@@ -115,7 +117,8 @@ class ServerSettings:
         _check(0 <= self.port <= 65535, "port", "0..65535", self.port)
         for name in ("intra_op_threads", "inter_op_threads"):
             _check(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
-        for name in ("max_samples_per_request", "max_stream_samples", "max_stream_chunk_size"):
+        for name in ("max_samples_per_request", "max_stream_samples", "max_stream_chunk_size",
+                     "max_score_samples", "max_score_rows"):  # fmt: skip
             _check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
         _check(
             1 <= self.default_stream_chunk_size <= self.max_stream_chunk_size,
@@ -157,6 +160,8 @@ class ServerSettings:
             max_stream_chunk_size=self.max_stream_chunk_size,
             default_stream_chunk_size=self.default_stream_chunk_size,
             max_stream_samples=self.max_stream_samples,
+            max_score_samples=self.max_score_samples,
+            max_score_rows=self.max_score_rows,
         )
 
     @classmethod
@@ -229,6 +234,8 @@ _FLAGS = (
     _Flag("max_stream_samples", int, "most samples in one SampleStream call"),
     _Flag("default_stream_chunk_size", int, "samples per streamed answer by default"),
     _Flag("max_stream_chunk_size", int, "most samples per streamed answer"),
+    _Flag("max_score_samples", int, "most importance samples k per input of one Score call"),
+    _Flag("max_score_rows", int, "most decoder rows (inputs x k) of one Score call"),
     _Flag("max_message_bytes", int, "gRPC message size limit, both directions"),
     _Flag("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM"),
     _Flag("log_level", str, "DEBUG, INFO, WARNING or ERROR"),

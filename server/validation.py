@@ -20,7 +20,7 @@ from vaeserve.engine.checks import (
     check_labels,
     check_value_range,
 )
-from vaeserve.engine.pipeline import DecodeJob, EncodeJob, ReconstructJob, SampleJob
+from vaeserve.engine.pipeline import DecodeJob, EncodeJob, ReconstructJob, SampleJob, ScoreJob
 from vaeserve.errors import InvalidRequest
 from vaeserve.manifest import ModelManifest
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
@@ -36,6 +36,7 @@ __all__ = [
     "validate_encode",
     "validate_decode",
     "validate_reconstruct",
+    "validate_score",
 ]
 
 _SAMPLE_ITEMSIZE = {
@@ -133,6 +134,47 @@ def validate_reconstruct(
     _fits_message("x", len(x), _pixels(m) * _SAMPLE_ITEMSIZE[request.encoding], settings)
     labels = _row_labels(request.labels, len(x), m, m.encoder_takes_label)
     return ReconstructJob(x=x, labels=labels)
+
+
+def validate_score(
+    request: pb.ScoreRequest, m: ModelManifest, settings: ServerSettings
+) -> ScoreJob:
+    """A ScoreRequest: k within max_score_samples, n * k within max_score_rows, labels for
+    every CVAE (a concat CVAE's graphs take them; a prior CVAE's prior mean needs them)."""
+    k = request.k
+    if not 1 <= k <= settings.max_score_samples:
+        raise InvalidRequest(
+            f"k is {k}, expected 1..{settings.max_score_samples} importance samples per input "
+            "(the server's max_score_samples)"
+        )
+    x = _samples_tensor(request, "x", m, settings)
+    n = len(x)
+    if n * k > settings.max_score_rows:
+        raise InvalidRequest(
+            f"x.shape[0] * k is {n} * {k} = {n * k}, expected at most {settings.max_score_rows} "
+            f"(the server's max_score_rows): send at most {settings.max_score_rows // k} rows "
+            f"per call at this k"
+        )
+    start = request.start_index
+    check_in_range("start_index", start, 0, sampling.MAX_ROW_INDEX // k - n)
+    if m.kind == "cvae":
+        if len(request.labels) != n:
+            raise InvalidRequest(
+                f"labels holds {len(request.labels)} classes, expected {n} (one per row): "
+                f"{m.name} is a {m.conditioning} cvae with {m.num_classes} classes"
+            )
+        labels = np.array(request.labels, dtype=np.int64)
+        check_labels("labels", labels, m)
+    else:
+        labels = _row_labels(request.labels, n, m, False)
+    return ScoreJob(
+        x=x,
+        labels=labels,
+        k=k,
+        seed=_seed(request, "seed"),
+        start=start,
+        chunk_rows=settings.batching.max_batch_size,
+    )
 
 
 # --- fields ---

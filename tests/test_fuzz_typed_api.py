@@ -690,6 +690,7 @@ RPCS = {
     "Encode": pb.EncodeRequest,
     "Decode": pb.DecodeRequest,
     "Reconstruct": pb.ReconstructRequest,
+    "Score": pb.ScoreRequest,
     "GetModelInfo": pb.GetModelInfoRequest,
     "ListModels": pb.ListModelsRequest,
 }

@@ -60,6 +60,8 @@ EVERY_FLAG = {
     "max_stream_samples": ("1000", 1000),
     "default_stream_chunk_size": ("10", 10),
     "max_stream_chunk_size": ("2000", 2000),
+    "max_score_samples": ("50", 50),
+    "max_score_rows": ("5000", 5000),
     "max_message_bytes": ("2000000", 2_000_000),
     "grace_period_s": ("1.5", 1.5),
     "log_level": ("DEBUG", "DEBUG"),

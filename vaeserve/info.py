@@ -29,6 +29,8 @@ class Limits:
     max_stream_chunk_size: int
     default_stream_chunk_size: int
     max_stream_samples: int
+    max_score_samples: int
+    max_score_rows: int
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class ModelInfo:
     max_stream_chunk_size: int
     default_stream_chunk_size: int
     max_stream_samples: int
+    max_score_samples: int
+    max_score_rows: int
 
     @classmethod
     def from_proto(cls, resp: pb.GetModelInfoResponse) -> ModelInfo:

@@ -32,7 +32,7 @@ _RUN_ROWS = 4096
 
 
 class Engine:
-    """Sample, encode, decode and reconstruct with one opened model version.
+    """Sample, encode, decode, reconstruct and score with one opened model version.
 
     Each method checks its arguments as the server does (``InvalidRequest`` naming the
     argument) and returns float32 arrays. Thread-safe: onnxruntime sessions may be run from
@@ -194,6 +194,37 @@ class Engine:
         job = pipeline.ReconstructJob(x=x, labels=labels)
         return _complete(pipeline.reconstruct(self, job))
 
+    def score(
+        self,
+        x: np.ndarray,
+        *,
+        labels: np.ndarray | None = None,
+        k: int = 1,
+        seed: int | None = None,
+        start: int = 0,
+    ) -> pipeline.Scores:
+        """Per input, in nats: the ELBO, the k-sample importance-weighted bound on log p(x),
+        E[log p(x|z)] and the closed-form KL, exactly as the server's Score computes them.
+
+        Args:
+            labels: one class per row for a CVAE (concat and prior alike).
+            k: importance samples per input (1: the bound is the one-sample ELBO).
+            seed: None draws a fresh one (not returned: pass one to reproduce a score).
+            start: index of the first input in the seed's scoring sequence.
+        """
+        x = self._inputs(x)
+        check_in_range("k", k, 1, sampling.MAX_ROW_INDEX // len(x))
+        check_in_range("start", start, 0, sampling.MAX_ROW_INDEX // k - len(x))
+        job = pipeline.ScoreJob(
+            x=x,
+            labels=self._row_labels(labels, len(x), self.manifest.kind == "cvae"),
+            k=k,
+            seed=self._seed(seed),
+            start=start,
+            chunk_rows=_RUN_ROWS,
+        )
+        return _complete(pipeline.score(self, job))
+
     # --- argument checks ---
 
     def _seed(self, seed: int | None) -> int:
@@ -237,7 +268,9 @@ class Engine:
                 raise InvalidRequest(f"labels are set, but {self.manifest.name}'s graphs take none")
             return None
         if labels is None:
-            raise InvalidRequest(f"labels are missing: {self.manifest.name} is a concat cvae")
+            raise InvalidRequest(
+                f"labels are missing: {self.manifest.name} is a {self.manifest.conditioning} cvae"
+            )
         values = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(values) != n:
             raise InvalidRequest(f"labels holds {len(values)} classes, expected {n}")

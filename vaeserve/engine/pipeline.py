@@ -10,6 +10,7 @@ made per row from the counter-based generator.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,12 +27,16 @@ __all__ = [
     "EncodeJob",
     "DecodeJob",
     "ReconstructJob",
+    "ScoreJob",
     "Samples",
     "Encoding",
+    "Scores",
     "sample",
     "encode",
     "decode",
     "reconstruct",
+    "score",
+    "score_noise",
 ]
 
 
@@ -96,6 +101,18 @@ class ReconstructJob:
 
 
 @dataclass(frozen=True)
+class ScoreJob:
+    """Score inputs start..start+n-1 of ``seed``'s scoring sequence with k draws each."""
+
+    x: np.ndarray  # (n, *sample_shape) in the manifest's sample dtype
+    labels: np.ndarray | None  # (n,) int64 for a CVAE (both conditionings)
+    k: int
+    seed: int
+    start: int
+    chunk_rows: int  # decoder rows per step: the memory of one step beyond the accumulators
+
+
+@dataclass(frozen=True)
 class Samples:
     x: np.ndarray  # (count, *sample_shape) float32
     z: np.ndarray  # (count, latent_dim) float32
@@ -107,6 +124,16 @@ class Encoding:
     mu: np.ndarray  # (n, latent_dim)
     logvar: np.ndarray  # (n, latent_dim)
     z: np.ndarray | None  # (n, num_draws, latent_dim) when draws were asked for
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per input, in nats, float64 (n,) each."""
+
+    elbo: np.ndarray  # mean_k log p(x|z) - kl
+    log_px: np.ndarray  # logsumexp_k log w - log k: the importance-weighted bound
+    log_likelihood: np.ndarray  # mean_k log p(x|z)
+    kl: np.ndarray  # KL(q(z|x) || p(z[|y])) in closed form
 
 
 async def sample(model: Model, job: SampleJob, deadline: float | None = None) -> Samples:
@@ -171,3 +198,109 @@ async def _decode(
     if not draw:
         return params[m.mean_output]
     return sampling.draw_from_likelihood(m.likelihood, params, seed, start, m.gaussian_sigma)
+
+
+_LOG_2PI = math.log(2.0 * math.pi)
+# A Bernoulli decoder answers float32 probabilities; they are clipped here so that a pixel the
+# decoder saturates costs at most -log(2**-24) nats instead of an infinity.
+_PROB_FLOOR = 2.0**-24
+
+
+def score_noise(seed: int, start: int, n: int, k: int, width: int) -> np.ndarray:
+    """(n, k, width) float32: draw j of input i is row (start + i) * k + j of SCORE_STREAM."""
+    eps = sampling.normal_rows(seed, sampling.SCORE_STREAM, start * k, n * k, width)
+    return eps.reshape(n, k, width)
+
+
+async def score(model: Model, job: ScoreJob, deadline: float | None = None) -> Scores:
+    """The ELBO, the k-sample importance-weighted bound, E[log p(x|z)] and the closed-form KL
+    of each input, as ``vaeserve.training.losses`` computes them, in float64.
+
+    The n*k draws (input-major) go through the decoder in steps of at most ``job.chunk_rows``
+    rows (``_score_steps``); between steps only per-input accumulators are kept (a running
+    logsumexp of log w and the sum of log p(x|z)), so memory does not grow with k.
+    """
+    m = model.manifest
+    inputs = {"x": job.x}
+    if m.encoder_takes_label:
+        inputs["y"] = job.labels
+    out = await model.encoder.run(inputs, deadline)
+    mu32, logvar32 = out["mu"], out["logvar"]  # (n, d) float32
+    mu, logvar = mu32.astype(np.float64), logvar32.astype(np.float64)
+    n, d = mu.shape
+    if model.prior_means is not None:
+        assert job.labels is not None, "a class-mean prior needs labels"
+        prior_mu = model.prior_means[job.labels].astype(np.float64)
+    else:
+        prior_mu = np.zeros_like(mu)
+    kl = 0.5 * ((mu - prior_mu) ** 2 + np.exp(logvar) - logvar - 1.0).sum(-1)
+    x = job.x.reshape(n, -1).astype(np.float64)
+    std32 = np.exp(np.float32(0.5) * logvar32)
+    run_max = np.full(n, -np.inf)  # running logsumexp of log w: max and sum of exp(. - max)
+    run_sum = np.zeros(n)
+    sum_log_px = np.zeros(n)
+    k = job.k
+    for a, b in _score_steps(n, k, max(1, job.chunk_rows)):
+        rows = np.arange(a, b) // k  # the input of each flat row
+        eps = sampling.normal_rows(job.seed, sampling.SCORE_STREAM, job.start * k + a, b - a, d)
+        z32 = mu32[rows] + std32[rows] * eps  # (b-a, d) float32, as torch's reparameterize
+        decoder_inputs = {"z": z32}
+        if m.decoder_takes_label:
+            decoder_inputs["y"] = job.labels[rows]
+        params = await model.decoder.run(decoder_inputs, deadline)
+        log_px = _log_likelihood(m, x[rows], params)
+        z = z32.astype(np.float64)
+        log_q = _log_normal_diag(z, mu[rows], logvar[rows])
+        log_p = _log_normal_diag(z, prior_mu[rows], 0.0)
+        log_w = log_px + log_p - log_q
+        first = rows[0]
+        local = rows - first
+        width = rows[-1] - first + 1
+        part = slice(first, first + width)
+        step_max = np.full(width, -np.inf)
+        np.maximum.at(step_max, local, log_w)
+        new_max = np.maximum(run_max[part], step_max)
+        scaled = np.exp(log_w - new_max[local])
+        run_sum[part] = run_sum[part] * np.exp(run_max[part] - new_max) + np.bincount(
+            local, weights=scaled, minlength=width
+        )
+        run_max[part] = new_max
+        sum_log_px[part] += np.bincount(local, weights=log_px, minlength=width)
+    log_likelihood = sum_log_px / k
+    log_bound = run_max + np.log(run_sum) - math.log(k)
+    return Scores(elbo=log_likelihood - kl, log_px=log_bound, log_likelihood=log_likelihood, kl=kl)
+
+
+def _score_steps(n: int, k: int, step: int) -> list[tuple[int, int]]:
+    """Flat row ranges [a, b) of the decoder steps: whole inputs (k <= step), or one input's
+    draws in blocks of ``step``. An input's draws thus meet the accumulators in the same
+    blocks whichever other inputs share its request, so its score has the same bytes."""
+    if k <= step:
+        per = step // k
+        return [(i * k, min(n, i + per) * k) for i in range(0, n, per)]
+    return [(i * k + j, i * k + min(k, j + step)) for i in range(n) for j in range(0, k, step)]
+
+
+def _log_normal_diag(z: np.ndarray, mu: np.ndarray, logvar: np.ndarray | float) -> np.ndarray:
+    """log N(z; mu, diag exp(logvar)) summed over the last axis."""
+    return -0.5 * (_LOG_2PI + logvar + (z - mu) ** 2 * np.exp(-logvar)).sum(-1)
+
+
+def _log_likelihood(m: ModelManifest, x: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """log p(x|z) per row, summed over pixels, with the normalising constants training uses;
+    x (rows, pixels) float64."""
+    rows = len(x)
+    if m.likelihood == "bernoulli":
+        probs = params["probs"].reshape(rows, -1).astype(np.float64)
+        probs = np.clip(probs, _PROB_FLOOR, 1.0 - _PROB_FLOOR)
+        return (x * np.log(probs) + (1.0 - x) * np.log1p(-probs)).sum(1)
+    mean = params["mean"].reshape(rows, -1).astype(np.float64)
+    if m.likelihood == "gaussian":
+        assert m.gaussian_sigma is not None, "a fixed-sigma Gaussian needs gaussian_sigma"
+        log_sigma: np.ndarray | float = math.log(m.gaussian_sigma)
+    else:
+        log_sigma = np.broadcast_to(
+            params["log_sigma"].astype(np.float64), params["mean"].shape
+        ).reshape(rows, -1)
+    per_pixel = -0.5 * (((x - mean) * np.exp(-log_sigma)) ** 2 + _LOG_2PI) - log_sigma
+    return np.broadcast_to(per_pixel, x.shape).sum(1)

@@ -19,6 +19,7 @@ __all__ = [
     "LATENT_STREAM",
     "OUTPUT_STREAM",
     "ENCODE_STREAM",
+    "SCORE_STREAM",
     "MAX_SEED",
     "MAX_ROW_INDEX",
     "new_seed",
@@ -28,10 +29,12 @@ __all__ = [
     "draw_from_likelihood",
 ]
 
-# Independent streams of one seed: latents of Sample, draws from p(x|z), draws from q(z|x).
+# Independent streams of one seed: latents of Sample, draws from p(x|z), draws from q(z|x)
+# for Encode, and the importance samples of Score (row (start + i) * k + j: draw j of input i).
 LATENT_STREAM = 0
 OUTPUT_STREAM = 1
 ENCODE_STREAM = 2
+SCORE_STREAM = 3
 
 MAX_SEED = 2**64 - 1
 _WORDS_PER_BLOCK = 4  # Philox4x64 yields four 64-bit words per counter step.

@@ -146,20 +146,24 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., conditioning: _Optional[str] = ..., latent_dim: _Optional[int] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., sample_dtype: _Optional[_Union[DataType, str]] = ..., value_low: _Optional[float] = ..., value_high: _Optional[float] = ..., likelihood: _Optional[str] = ..., encoder_inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., encoder_outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., decoder_inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., decoder_outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., available_versions: _Optional[_Iterable[int]] = ..., manifest_json: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_batch_size", "max_samples_per_request", "max_message_bytes", "max_stream_chunk_size", "default_stream_chunk_size", "max_stream_samples")
+    __slots__ = ("max_batch_size", "max_samples_per_request", "max_message_bytes", "max_stream_chunk_size", "default_stream_chunk_size", "max_stream_samples", "max_score_samples", "max_score_rows")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAM_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_STREAM_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_ROWS_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_samples_per_request: int
     max_message_bytes: int
     max_stream_chunk_size: int
     default_stream_chunk_size: int
     max_stream_samples: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_chunk_size: _Optional[int] = ..., default_stream_chunk_size: _Optional[int] = ..., max_stream_samples: _Optional[int] = ...) -> None: ...
+    max_score_samples: int
+    max_score_rows: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_chunk_size: _Optional[int] = ..., default_stream_chunk_size: _Optional[int] = ..., max_stream_samples: _Optional[int] = ..., max_score_samples: _Optional[int] = ..., max_score_rows: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("model", "provider", "limits")
@@ -300,3 +304,39 @@ class ReconstructResponse(_message.Message):
     model_version: int
     x: Tensor
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("model", "x", "labels", "k", "seed", "start_index")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    START_INDEX_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    x: Tensor
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    k: int
+    seed: int
+    start_index: int
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., seed: _Optional[int] = ..., start_index: _Optional[int] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("model_name", "model_version", "seed", "k", "elbo", "log_px", "log_likelihood", "kl")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    ELBO_FIELD_NUMBER: _ClassVar[int]
+    LOG_PX_FIELD_NUMBER: _ClassVar[int]
+    LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    KL_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: int
+    seed: int
+    k: int
+    elbo: _containers.RepeatedScalarFieldContainer[float]
+    log_px: _containers.RepeatedScalarFieldContainer[float]
+    log_likelihood: _containers.RepeatedScalarFieldContainer[float]
+    kl: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ..., elbo: _Optional[_Iterable[float]] = ..., log_px: _Optional[_Iterable[float]] = ..., log_likelihood: _Optional[_Iterable[float]] = ..., kl: _Optional[_Iterable[float]] = ...) -> None: ...

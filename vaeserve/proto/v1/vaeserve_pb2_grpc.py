@@ -69,6 +69,11 @@ class VaeServiceStub:
                 request_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructRequest.SerializeToString,
                 response_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/vaeserve.v1.VaeService/Score',
+                request_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class VaeServiceServicer:
@@ -123,6 +128,14 @@ class VaeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """x -> per input: the ELBO, the k-sample importance-weighted bound on log p(x), E[log p(x|z)]
+        and KL(q(z|x) || p(z)), in nats, from k draws z ~ q(z|x[,y]).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +173,11 @@ def add_VaeServiceServicer_to_server(servicer, server):
                     servicer.Reconstruct,
                     request_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructRequest.FromString,
                     response_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ScoreRequest.FromString,
+                    response_serializer=vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +369,33 @@ class VaeService:
             '/vaeserve.v1.VaeService/Reconstruct',
             vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructRequest.SerializeToString,
             vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ReconstructResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vaeserve.v1.VaeService/Score',
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ScoreRequest.SerializeToString,
+            vaeserve_dot_proto_dot_v1_dot_vaeserve__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
