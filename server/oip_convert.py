@@ -6,6 +6,10 @@ Both are checked here, once, against the graph's declaration in the manifest: na
 datatype strings, shapes (the batch axis first), byte and element counts, and the row limit.
 Every violation is an ``InvalidRequest`` naming the tensor and what was expected, raised before
 any large buffer is allocated.
+
+``NAME-scorer`` is no graph: ``score_request`` turns its tensors and parameters into the typed
+API's ``ScoreRequest`` (``x`` still in the received buffer), which ``validate_score`` then
+checks as it checks a typed ``Score`` call: same bounds, same messages.
 """
 
 from __future__ import annotations
@@ -16,20 +20,30 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from vaeserve import protowire
+from vaeserve.engine import sampling
 from vaeserve.engine.checks import (
     check_answer_size,
     check_finite,
+    check_in_range,
     check_labels,
     check_value_range,
 )
 from vaeserve.errors import InvalidRequest
 from vaeserve.manifest import ModelManifest, TensorSpec
 from vaeserve.proto.inference import grpc_service_pb2 as pb
+from vaeserve.proto.inference import model_config_pb2 as config_pb
+from vaeserve.proto.v1 import vaeserve_pb2 as typed_pb
 from vaeserve.protowire import field_path
-from vaeserve.server.handlers import detached_bytes
-from vaeserve.tensors import KSERVE_DATATYPES, WIRE_NUMPY
+from vaeserve.server.handlers import DetachedRequest, detached_bytes
+from vaeserve.tensors import CONFIG_DATATYPES, KSERVE_DATATYPES, WIRE_NUMPY
 
 __all__ = [
+    "DATATYPES",
+    "CONFIG_TYPES",
+    "SCORE_OUTPUTS",
+    "scorer_inputs",
+    "scorer_outputs",
+    "score_request",
     "decode_inputs",
     "check_values",
     "requested_outputs",
@@ -39,8 +53,108 @@ __all__ = [
 
 # Typed contents field per datatype; FP16 has none in the protocol, it travels raw only.
 _TYPED_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents"}
+# The scorer's answers are float64, as the typed API's (repeated double). The protocol has FP64;
+# vaeserve.tensors' table does not (no graph or typed tensor is float64), so it is added here,
+# for answers only.
+_OUTPUT_NUMPY = {**WIRE_NUMPY, "float64": np.dtype("<f8")}
+# numpy dtype name -> the protocol's datatype string / Triton's config enum, answers included.
+DATATYPES = {**KSERVE_DATATYPES, "float64": "FP64"}
+CONFIG_TYPES = {**CONFIG_DATATYPES, "float64": config_pb.TYPE_FP64}
+SCORE_OUTPUTS = ("elbo", "log_px", "log_likelihood", "kl")  # the fields of pipeline.Scores
+_INT_PARAMETERS = ("int64_param", "uint64_param")
+_INT64_MAX = 2**63 - 1
 # Explicitly little-endian: the wire format, whatever the host's byte order.
 _RAW_OUTPUT = field_path(pb.ModelInferResponse, "raw_output_contents")
+
+
+def scorer_inputs(m: ModelManifest) -> dict[str, TensorSpec]:
+    """NAME-scorer's inputs: x (float32, the model's sample shape) and, for a CVAE, y."""
+    inputs = {"x": TensorSpec("float32", (-1, *m.sample_shape))}
+    if m.kind == "cvae":
+        inputs["y"] = TensorSpec("int64", (-1,))
+    return inputs
+
+
+def scorer_outputs() -> dict[str, TensorSpec]:
+    """NAME-scorer's outputs: one float64 per input row each, in nats."""
+    return {name: TensorSpec("float64", (-1,)) for name in SCORE_OUTPUTS}
+
+
+def score_request(request: pb.ModelInferRequest, m: ModelManifest, max_rows: int) -> object:
+    """A NAME-scorer request as the typed API's ``ScoreRequest``, for ``validate_score``.
+
+    Inputs: ``x`` (FP32) -> ``x``, ``y`` (INT64, [n]) -> ``labels``; parameters (int64_param
+    or uint64_param): ``k`` (default 1), ``seed`` (absent: the server picks one),
+    ``start_index`` (default 0); other parameters are ignored. Only what the typed request
+    cannot express is checked here (names, datatypes, y's shape and bytes, parameter kinds);
+    x's shape, k, seed, start_index and the labels are ``validate_score``'s, with its messages.
+    x's raw bytes stay where they are: the result is a ``DetachedRequest`` holding them.
+
+    Raises:
+        InvalidRequest: an unknown, duplicated or missing input (a CVAE's missing y is
+            ``validate_score``'s to name), a wrong datatype, mixed raw and typed contents, y
+            not one-dimensional or not filled, or k, seed or start_index not an integer
+            parameter (or a uint64 k or start_index beyond int64).
+    """
+    raw = detached_bytes(request, "raw_input_contents") or request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequest(
+            f"raw_input_contents has {len(raw)} entries, expected one per input "
+            f"({len(request.inputs)})"
+        )
+    names = [t.name for t in request.inputs]
+    if "x" not in names or len(set(names)) != len(names) or not set(names) <= {"x", "y"}:
+        expected = list(scorer_inputs(m))
+        raise InvalidRequest(f"inputs are {names}, expected exactly {expected}")
+    typed = typed_pb.ScoreRequest()
+    detached: dict[str, list] = {}
+    for i, tensor in enumerate(request.inputs):
+        if raw and tensor.HasField("contents"):
+            raise InvalidRequest(
+                f"input '{tensor.name}' has contents and raw_input_contents is used: "
+                "send every input one way"
+            )
+        if tensor.name == "y":  # checked as the graphs' y; its count is validate_score's
+            spec = TensorSpec("int64", (-1,))
+            shape = _checked_shape(tensor, spec, max_rows)
+            y = _from_raw("y", raw[i], spec, shape) if raw else _from_typed(tensor, spec, shape)
+            typed.labels.extend(y.tolist())
+            continue
+        if tensor.datatype != "FP32":
+            raise InvalidRequest(f"input 'x' has datatype {tensor.datatype!r}, expected 'FP32'")
+        typed.x.dtype = typed_pb.FLOAT32
+        typed.x.shape.extend(tensor.shape)
+        if raw:
+            detached["x"] = [raw[i]]
+        else:
+            others = [f.name for f, _ in tensor.contents.ListFields() if f.name != "fp32_contents"]
+            if others:
+                raise InvalidRequest(f"input 'x' (FP32) has {others}, expected fp32_contents only")
+            typed.x.data = np.asarray(tensor.contents.fp32_contents, dtype="<f4").tobytes()
+    typed.k = _int_parameter(request, "k", 1, int64=True)
+    typed.start_index = _int_parameter(request, "start_index", 0, int64=True)
+    seed = _int_parameter(request, "seed", None, int64=False)
+    if seed is not None:
+        check_in_range("seed", seed, 0, sampling.MAX_SEED)  # an int64_param may be negative
+        typed.seed = seed
+    return DetachedRequest(typed, detached)
+
+
+def _int_parameter(
+    request: pb.ModelInferRequest, name: str, default: int | None, int64: bool
+) -> int | None:
+    if name not in request.parameters:
+        return default
+    parameter = request.parameters[name]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in _INT_PARAMETERS:
+        raise InvalidRequest(
+            f"parameter '{name}' is {kind or 'empty'}, expected int64_param or uint64_param"
+        )
+    value = getattr(parameter, kind)
+    if int64 and value > _INT64_MAX:
+        raise InvalidRequest(f"parameter '{name}' is {value}, expected at most {_INT64_MAX}")
+    return value
 
 
 def decode_inputs(
@@ -195,7 +309,7 @@ def check_answer_fits(
         InvalidRequest: naming the largest row count that fits.
     """
     per_row = sum(
-        math.prod(specs[n].shape[1:]) * WIRE_NUMPY[specs[n].dtype].itemsize for n in names
+        math.prod(specs[n].shape[1:]) * _OUTPUT_NUMPY[specs[n].dtype].itemsize for n in names
     )
     check_answer_size("the request's rows", rows, per_row, max_message_bytes, " per request")
 
@@ -213,11 +327,11 @@ def encode_outputs(
     """
     contents = []
     for name in names:
-        dtype = WIRE_NUMPY[specs[name].dtype]
+        dtype = _OUTPUT_NUMPY[specs[name].dtype]
         array = np.ascontiguousarray(arrays[name], dtype=dtype)
         out = response.outputs.add()
         out.name = name
-        out.datatype = KSERVE_DATATYPES[specs[name].dtype]
+        out.datatype = DATATYPES[specs[name].dtype]
         out.shape.extend(array.shape)
         contents.append((_RAW_OUTPUT, [array]))
     return protowire.serialize(response, contents)

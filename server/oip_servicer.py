@@ -1,10 +1,13 @@
 """The Open Inference Protocol (KServe v2, ``inference.GRPCInferenceService``) over the registry.
 
-Each model version is served as two protocol models, ``NAME-encoder`` and ``NAME-decoder``,
-whose tensors are exactly the graphs' inputs and outputs in the manifest; inference goes
-through the same batchers as the typed API. Also answers Triton's ``ModelConfig`` (its tools
-call it before inferring) and ``ModelStatistics``, read from the server's metrics. Methods are
-thin: resolve the graph, convert (server/oip_convert.py), run, convert back.
+Each model version is served as three protocol models: ``NAME-encoder`` and ``NAME-decoder``,
+whose tensors are exactly the graphs' inputs and outputs in the manifest, and ``NAME-scorer``,
+the typed API's ``Score`` (x and, for a CVAE, y in; k, seed and start_index as request
+parameters; elbo, log_px, log_likelihood and kl out, FP64), checked by ``validate_score`` and
+run by ``pipeline.score`` as ``Score`` is. Inference goes through the same batchers as the
+typed API. Also answers Triton's ``ModelConfig`` (its tools call it before inferring) and
+``ModelStatistics``, read from the server's metrics. Methods are thin: resolve the graph,
+convert (server/oip_convert.py), run, convert back.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
+import numpy as np
 
+from vaeserve.engine import pipeline
 from vaeserve.errors import InvalidRequest, ModelNotFound, NotServing
-from vaeserve.manifest import GraphSpec
+from vaeserve.manifest import TensorSpec
 from vaeserve.proto.inference import grpc_service_pb2 as pb
 from vaeserve.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from vaeserve.proto.inference import model_config_pb2 as config_pb
@@ -26,31 +31,43 @@ from vaeserve.server.metrics import GraphKey, ServerMetrics
 from vaeserve.server.repository import LoadedModel, ModelRegistry
 from vaeserve.server.settings import ServerSettings
 from vaeserve.server.status import map_errors
-from vaeserve.tensors import CONFIG_DATATYPES, KSERVE_DATATYPES
+from vaeserve.server.validation import validate_score
 
 __all__ = ["SERVICE_NAME", "GRAPHS", "EXTENSIONS", "PLATFORM", "OipServicer", "split_name"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-GRAPHS = ("encoder", "decoder")
+# The protocol models' suffixes: two graphs and the scorer (app.py labels metrics by them).
+GRAPHS = ("encoder", "decoder", "scorer")
+SCORER = "scorer"
 EXTENSIONS = ("model_configuration", "statistics")
 PLATFORM = "onnxruntime_onnx"  # Triton's name for what serves these graphs
+SCORER_PLATFORM = "vaeserve"  # NAME-scorer is computed by the server around both graphs
 _TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
 
 
 @dataclass(frozen=True)
 class _Graph:
-    """One protocol model: a graph of a loaded version."""
+    """One protocol model of a loaded version: a graph, or the scorer."""
 
     model: LoadedModel
-    name: str  # "encoder" | "decoder"
+    name: str  # "encoder" | "decoder" | "scorer"
 
     @property
-    def spec(self) -> GraphSpec:
-        return getattr(self.model.manifest, self.name)
+    def inputs(self) -> dict[str, TensorSpec]:
+        if self.name == SCORER:
+            return convert.scorer_inputs(self.model.manifest)
+        return getattr(self.model.manifest, self.name).inputs
+
+    @property
+    def outputs(self) -> dict[str, TensorSpec]:
+        if self.name == SCORER:
+            return convert.scorer_outputs()
+        return getattr(self.model.manifest, self.name).outputs
 
     @property
     def batcher(self) -> DynamicBatcher:
-        return getattr(self.model, self.name)
+        """The graph's batcher; the scorer's steps go through the decoder's."""
+        return getattr(self.model, "decoder" if self.name == SCORER else self.name)
 
     @property
     def key(self) -> GraphKey:
@@ -61,12 +78,13 @@ def split_name(name: str) -> tuple[str, str]:
     """``"digits-decoder"`` -> ``("digits", "decoder")``.
 
     Raises:
-        ModelNotFound: the name does not end in ``-encoder`` or ``-decoder``.
+        ModelNotFound: the name does not end in ``-encoder``, ``-decoder`` or ``-scorer``.
     """
     model, _, graph = name.rpartition("-")
     if not model or graph not in GRAPHS:
         raise ModelNotFound(
-            f"model name {name!r} is not served here: expected NAME-encoder or NAME-decoder"
+            f"model name {name!r} is not served here: expected NAME-scorer, NAME-encoder or "
+            "NAME-decoder"
         )
     return model, graph
 
@@ -88,13 +106,13 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 def _tensors(specs: dict) -> list[_TensorMetadata]:
     return [
-        _TensorMetadata(name=n, datatype=KSERVE_DATATYPES[s.dtype], shape=s.shape)
+        _TensorMetadata(name=n, datatype=convert.DATATYPES[s.dtype], shape=s.shape)
         for n, s in specs.items()
     ]
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Serves every model of ``registry`` as NAME-encoder / NAME-decoder protocol models."""
+    """Serves every model of ``registry`` as NAME-encoder / NAME-decoder / NAME-scorer."""
 
     def __init__(self, registry: ModelRegistry, settings: ServerSettings, metrics: ServerMetrics):
         self._registry = registry
@@ -154,9 +172,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=request.name,
             versions=[str(v) for v in self._registry.versions(graph.key.model)],
-            platform=PLATFORM,
-            inputs=_tensors(graph.spec.inputs),
-            outputs=_tensors(graph.spec.outputs),
+            platform=SCORER_PLATFORM if graph.name == SCORER else PLATFORM,
+            inputs=_tensors(graph.inputs),
+            outputs=_tensors(graph.outputs),
         )
 
     @map_errors
@@ -167,19 +185,41 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @map_errors
     async def ModelInfer(self, request, context):
         graph = self._graph(request.model_name, request.model_version)
-        spec, limit = graph.spec, self._settings.max_samples_per_request
-        arrays = convert.decode_inputs(request, spec.inputs, limit)
+        if graph.name == SCORER:
+            return await self._score(request, graph, context)
+        limit = self._settings.max_samples_per_request
+        arrays = convert.decode_inputs(request, graph.inputs, limit)
         convert.check_values(graph.model.manifest, arrays)
-        names = convert.requested_outputs(request, spec.outputs)
+        names = convert.requested_outputs(request, graph.outputs)
         rows = len(next(iter(arrays.values())))
-        convert.check_answer_fits(rows, names, spec.outputs, self._settings.max_message_bytes)
+        convert.check_answer_fits(rows, names, graph.outputs, self._settings.max_message_bytes)
         # use(): shutdown and unloading wait for this call to finish on this version.
         with self._registry.use(graph.key.model, graph.key.version):
             outputs = await graph.batcher.run(arrays, _deadline(context))
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=str(graph.key.version), id=request.id
         )
-        return convert.encode_outputs(response, outputs, names, spec.outputs)
+        return convert.encode_outputs(response, outputs, names, graph.outputs)
+
+    async def _score(
+        self, request: pb.ModelInferRequest, graph: _Graph, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        """NAME-scorer: the typed Score's checks and pipeline; the seed used is answered as the
+        response parameter ``seed`` (uint64_param)."""
+        m, settings = graph.model.manifest, self._settings
+        typed = convert.score_request(request, m, settings.max_samples_per_request)
+        job = validate_score(typed, m, settings)  # type: ignore[arg-type]
+        specs = graph.outputs
+        names = convert.requested_outputs(request, specs)
+        convert.check_answer_fits(len(job.x), names, specs, settings.max_message_bytes)
+        with self._registry.use(graph.key.model, graph.key.version):
+            scores = await pipeline.score(graph.model, job, _deadline(context))
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=str(graph.key.version), id=request.id
+        )
+        response.parameters["seed"].uint64_param = job.seed
+        arrays: dict[str, np.ndarray] = {name: getattr(scores, name) for name in names}
+        return convert.encode_outputs(response, arrays, names, specs)
 
     @map_errors
     async def ModelStatistics(self, request, context):
@@ -222,18 +262,20 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         limit = min(self._settings.max_samples_per_request, 2**31 - 1)
         group = config_pb.ModelInstanceGroup
         kind = group.KIND_GPU if graph.model.provider.startswith("CUDA") else group.KIND_CPU
+        types = convert.CONFIG_TYPES
+        scorer = graph.name == SCORER
         return config_pb.ModelConfig(
             name=name,
-            platform=PLATFORM,
-            backend="onnxruntime",
+            platform=SCORER_PLATFORM if scorer else PLATFORM,
+            backend=SCORER_PLATFORM if scorer else "onnxruntime",
             max_batch_size=limit,
             input=[
-                config_pb.ModelInput(name=n, data_type=CONFIG_DATATYPES[s.dtype], dims=s.shape[1:])
-                for n, s in graph.spec.inputs.items()
+                config_pb.ModelInput(name=n, data_type=types[s.dtype], dims=s.shape[1:])
+                for n, s in graph.inputs.items()
             ],
             output=[
-                config_pb.ModelOutput(name=n, data_type=CONFIG_DATATYPES[s.dtype], dims=s.shape[1:])
-                for n, s in graph.spec.outputs.items()
+                config_pb.ModelOutput(name=n, data_type=types[s.dtype], dims=s.shape[1:])
+                for n, s in graph.outputs.items()
             ],
             dynamic_batching=config_pb.ModelDynamicBatching(
                 preferred_batch_size=[min(batching.max_batch_size, limit)],
