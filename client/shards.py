@@ -55,6 +55,7 @@ __all__ = [
     "verify_shard",
     "remove_temporaries",
     "remove_file_temporaries",
+    "npz_bytes",
 ]
 
 JOB_FILE = "job.json"
@@ -263,7 +264,7 @@ def write_shard(
     tmp = out_dir / f".{path}{_TMP_MARK}{os.getpid()}"
     try:
         if spec.format == "npz":
-            payload = _npz_bytes(arrays)
+            payload = npz_bytes(arrays)
             _write_synced(tmp, payload)
             digest = hashlib.sha256(payload).hexdigest()
         else:
@@ -337,8 +338,9 @@ def remove_file_temporaries(folder: Path, name: str) -> int:
     return len(found)
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    # np.savez stamps each member with the current time; this writes the same layout without.
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz file's bytes, the same for the same arrays: np.savez stamps each member with the
+    current time; this writes the same layout without (members dated 1980-01-01)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, array in arrays.items():

@@ -15,7 +15,7 @@ import pytest
 from client_fixtures import CVAE, OutputLines, ServerProcess, free_port, serve
 
 from vaeserve.client.generate import main
-from vaeserve.client.shards import JobSpec, _npz_bytes, read_job
+from vaeserve.client.shards import JobSpec, npz_bytes, read_job
 
 JOB_TIMEOUT_S = 60
 _COMMAND = [
@@ -276,8 +276,8 @@ def test_labels_of_a_sample_depend_only_on_its_index():
 
 def test_npz_shards_are_byte_deterministic_and_loadable(tmp_path):
     arrays = {"samples": np.arange(12, dtype=np.float32).reshape(3, 4), "labels": np.arange(3)}
-    first = _npz_bytes(arrays)
-    assert first == _npz_bytes(arrays)
+    first = npz_bytes(arrays)
+    assert first == npz_bytes(arrays)
     (tmp_path / "a.npz").write_bytes(first)
     with np.load(tmp_path / "a.npz") as loaded:
         np.testing.assert_array_equal(loaded["samples"], arrays["samples"])

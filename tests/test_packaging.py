@@ -33,6 +33,7 @@ SCRIPTS = {
     "vae-serve": "vaeserve.server.cli:main",
     "vae-healthcheck": "vaeserve.server.healthcheck:main",
     "vae-generate": "vaeserve.client.generate:main",
+    "vae-score": "vaeserve.client.score_job:main",
 }
 # Which parts each extra installs for (the core and the engine come with every part).
 EXTRA_PARTS = {

@@ -1,0 +1,560 @@
+"""vae-score: score a whole data set with a served (or local) model into shards, then summarise.
+
+Run: vae-score --server localhost:8500 --model digits --data npz:test.npz --k 100 --out scores/
+
+Each input gets the four numbers of the ``Score`` RPC (docs/architecture.md "Scoring"): elbo,
+log_px (the k-sample importance-weighted bound), log_likelihood and kl, in nats. Input i of the
+data (after ``--split``) is scored with noise index i (``start_index`` of its batch plus its
+place in it), so a score is a pure function of (model version, seed, i, k, the image and its
+label): any batching, and any interruption, gives the same bytes. Re-running the same command
+resumes; see docs/score.md for the files and their guarantees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from vaeserve.atomic import fsync_dir, write_atomically
+from vaeserve.client.arguments import MAX_SEED, TOKEN_ENV, UsageError
+from vaeserve.client.folder_locks import flock
+from vaeserve.client.score_data import SPLITS, DataError, ScoreData, load_score_data
+from vaeserve.client.shards import npz_bytes
+from vaeserve.errors import ModelNotFound, ServerError, VaeServeError
+from vaeserve.info import ModelInfo
+from vaeserve.manifest import sha256_of_file
+
+__all__ = ["ScoreEvents", "auroc", "average_ranks", "main", "summarize"]
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".lock"
+JOB_FORMAT = "vae-score-job/1"
+SCORES = ("elbo", "log_px", "log_likelihood", "kl")
+QUANTILES = (1, 5, 25, 50, 75, 95, 99)
+DEFAULT_BATCH = 256
+_TEMPORARY = re.compile(r"^\.(shard-\d+\.npz|job\.json|summary\.json)\..*tmp$")
+# What decides a job's bytes: a resume must agree on every one.
+_IDENTITY = ("model", "model_version", "data_sha256", "split", "rows", "k", "seed", "shard_size")
+
+
+class JobFailed(Exception):
+    """The job stopped before it was complete: exit code 1."""
+
+
+def _ignore(_: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ScoreEvents:
+    """Points of a shard's life, for tests that kill the job there (called with its index)."""
+
+    shard_written: Callable[[int], None] = _ignore  # on disk under its temporary name
+    shard_recorded: Callable[[int], None] = _ignore  # renamed and listed in job.json
+
+
+# --- the model: in-process engine or a server -------------------------------------------------
+
+
+class Scorer(Protocol):
+    info: ModelInfo
+
+    def score(
+        self, x: np.ndarray, y: np.ndarray | None, k: int, seed: int, start: int
+    ) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalScorer:
+    """``--local REPO``: the engine in-process (onnxruntime on the CPU), as vae-generate --local."""
+
+    def __init__(self, repository: Path, name: str, version: int):
+        from vaeserve.engine import Engine, sampling
+        from vaeserve.info import Limits, model_info
+        from vaeserve.manifest import list_versions
+
+        self.engine = e = Engine.open(repository, name, version, "cpu")
+        big = sampling.MAX_ROW_INDEX
+        limits = Limits(big, big, 2**63 - 1, big, big, big, big, big)
+        versions = list_versions(Path(repository) / name)
+        self.info = model_info(e.manifest, e.manifest_json, e.provider, versions, limits)
+
+    def score(
+        self, x: np.ndarray, y: np.ndarray | None, k: int, seed: int, start: int
+    ) -> dict[str, np.ndarray]:
+        s = self.engine.score(x, labels=y, k=k, seed=seed, start=start)
+        return {name: np.asarray(getattr(s, name), dtype=np.float64) for name in SCORES}
+
+    def close(self) -> None:
+        pass
+
+
+class ServedScorer:
+    """``--server ADDR``: the Score RPC through VaeClient (retries while the server is away)."""
+
+    def __init__(self, args: argparse.Namespace, name: str, version: int):
+        from vaeserve.client.client import VaeClient
+        from vaeserve.client.retry import RetryPolicy
+
+        self.client = VaeClient(
+            args.server,
+            tls=args.tls or args.ca_cert is not None,
+            root_certificates=None if args.ca_cert is None else args.ca_cert.read_bytes(),
+            token=args.token or os.environ.get(TOKEN_ENV),
+            timeout_s=args.timeout,
+            retry=RetryPolicy(max_attempts=None, max_backoff_s=2.0, deadline_s=args.retry_timeout),
+        )
+        self.name = name
+        try:
+            self.info = self.client.model_info(name, version)
+        except BaseException:
+            self.client.close()
+            raise
+
+    def score(
+        self, x: np.ndarray, y: np.ndarray | None, k: int, seed: int, start: int
+    ) -> dict[str, np.ndarray]:
+        r = self.client.score(
+            self.name, x, version=self.info.version, labels=y, k=k, seed=seed, start_index=start
+        )
+        if r.model_version != self.info.version:
+            raise ServerError(
+                f"the server answered with version {r.model_version} of {self.name!r}, not the "
+                f"pinned {self.info.version}"
+            )
+        return {name: getattr(r, name) for name in SCORES}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``, ties given the mean of the ranks they span."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + 1 + ends) / 2.0)[inverse.reshape(-1)]
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for ``positive`` (bool), by the rank formula
+    (Mann-Whitney U / (n₊ n₋), ties counting one half).
+
+    Raises:
+        ValueError: no positives or no negatives.
+    """
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs positives and negatives, got {n_pos} and {n_neg}")
+    rank_sum = float(average_ranks(scores)[positive].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def _stats(values: np.ndarray) -> dict[str, Any]:
+    q = np.quantile(values, [p / 100.0 for p in QUANTILES])
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "quantiles": {f"{p}%": float(v) for p, v in zip(QUANTILES, q, strict=True)},
+    }
+
+
+def summarize(
+    job: dict[str, Any], columns: dict[str, np.ndarray], anomaly_class: int | None
+) -> dict[str, Any]:
+    """summary.json: count, mean/std/quantiles of log_px and elbo, and the AUROC if asked."""
+    summary: dict[str, Any] = {
+        "model": job["model"],
+        "model_version": job["model_version"],
+        "data_sha256": job["data_sha256"],
+        "split": job["split"],
+        "k": job["k"],
+        "seed": job["seed"],
+        "count": int(len(columns["log_px"])),
+        "log_px": _stats(columns["log_px"]),
+        "elbo": _stats(columns["elbo"]),
+    }
+    if anomaly_class is not None:
+        positive = columns["y"] == anomaly_class
+        summary["anomaly"] = {
+            "class": anomaly_class,
+            "score": "-log_px",
+            "positives": int(positive.sum()),
+            "negatives": int((~positive).sum()),
+            "auroc": auroc(-columns["log_px"], positive),
+        }
+    return summary
+
+
+# --- the job's files ----------------------------------------------------------------------------
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.npz"
+
+
+def _dump(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
+
+
+def _save_json(path: Path, obj: Any) -> None:
+    data = _dump(obj)
+    write_atomically(path, lambda f: f.write(data))
+    fsync_dir(path.parent)
+
+
+def _read_job(out: Path) -> dict[str, Any] | None:
+    path = out / JOB_FILE
+    if not path.exists():
+        if out.is_dir() and any(p.name.startswith("shard-") for p in out.iterdir()):
+            raise UsageError(f"--out: {out} holds shard files but no {JOB_FILE}; use a new folder")
+        return None
+    try:
+        job = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--out: cannot read {path}: {exc}") from None
+    if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:
+        raise UsageError(f"--out: {path} is not a vae-score job ({JOB_FORMAT})")
+    return job
+
+
+def _write_shard(
+    out: Path, index: int, arrays: dict[str, np.ndarray], events: ScoreEvents
+) -> dict[str, Any]:
+    name = _shard_name(index)
+    payload = npz_bytes(arrays)
+    tmp = out / f".{name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        events.shard_written(index)
+        os.replace(tmp, out / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(out)
+    return {"path": name, "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def _read_columns(out: Path, job: dict[str, Any]) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
+    for index in range(_num_shards(job)):
+        with np.load(out / _shard_name(index), allow_pickle=False) as shard:
+            for key in shard.files:
+                parts.setdefault(key, []).append(shard[key])
+    return {key: np.concatenate(arrays) for key, arrays in parts.items()}
+
+
+def _num_shards(job: dict[str, Any]) -> int:
+    return -(-job["rows"] // job["shard_size"])
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vae-score",
+        description="Score every image of a data set (ELBO, k-sample bound on log p(x), "
+        "E[log p(x|z)], KL; nats) into shard files and a summary; re-run to resume. "
+        "See docs/score.md.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="host:port of vae-serve; several, comma-separated")
+    where.add_argument(
+        "--local", metavar="REPO", type=Path, help="run in-process on this repository"
+    )
+    p.add_argument("--model", required=True, help="NAME or NAME:VERSION (default: highest)")
+    p.add_argument("--data", required=True, help="npz:PATH (x [+ y], or x_train/x_test [+ y_*])")
+    p.add_argument("--k", type=int, required=True, help="importance samples per image")
+    p.add_argument("--out", type=Path, required=True, help="output folder of the job")
+    p.add_argument("--seed", type=int, help="seed of the draws (default: random, recorded)")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="rows to score (default: x_test of a file holding one, else all of x); see "
+        "docs/score.md",
+    )
+    p.add_argument("--batch", type=int, help="images per request (default: 256, within limits)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
+    p.add_argument(
+        "--anomaly-class",
+        type=int,
+        metavar="C",
+        help="also report the AUROC of -log_px for 'is class C' (needs labels)",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="deadline of a request, seconds")
+    p.add_argument("--retry-timeout", type=float, default=120.0, help="seconds to keep retrying")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--ca-cert", type=Path, help="PEM root certificates for TLS")
+    p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> tuple[str, int]:
+    name, _, version_text = args.model.partition(":")
+    if not name or (version_text and not (version_text.isdigit() and int(version_text) >= 1)):
+        raise UsageError(
+            f"--model: expected NAME or NAME:VERSION (VERSION >= 1), got {args.model!r}"
+        )
+    for flag, value in (
+        ("--k", args.k),
+        ("--shard-size", args.shard_size),
+        ("--batch", args.batch),
+    ):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag}: expected an integer >= 1, got {value}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed: expected an integer in 0..2**64-1, got {args.seed}")
+    for flag, value in (("--timeout", args.timeout), ("--retry-timeout", args.retry_timeout)):
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag}: expected a positive number of seconds, got {value}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out: {args.out} exists and is not a folder")
+    if args.local is not None and not args.local.is_dir():
+        raise UsageError(f"--local: model repository {args.local} is not a folder")
+    if args.ca_cert is not None and not args.ca_cert.is_file():
+        raise UsageError(f"--ca-cert: {args.ca_cert} is not a readable file")
+    return name, int(version_text or 0)
+
+
+def _open(args: argparse.Namespace, name: str, version: int) -> Scorer:
+    where = f"--server {args.server}" if args.server else f"--local {args.local}"
+    try:
+        if args.local is not None:
+            return LocalScorer(args.local, name, version)
+        return ServedScorer(args, name, version)
+    except ModelNotFound as exc:
+        raise UsageError(f"--model: {where}: {exc}") from None
+    except VaeServeError as exc:
+        raise JobFailed(f"{where}: {exc.status}: {exc}") from None
+
+
+def _batch(args: argparse.Namespace, info: ModelInfo) -> int:
+    if args.k > info.max_score_samples:
+        raise UsageError(
+            f"--k: {args.k} is over the server's max_score_samples {info.max_score_samples}"
+        )
+    if args.k > info.max_score_rows:
+        raise UsageError(f"--k: {args.k} is over the server's max_score_rows {info.max_score_rows}")
+    limit = min(info.max_samples_per_request, info.max_score_rows // args.k)
+    return min(args.batch or DEFAULT_BATCH, limit)
+
+
+def _plan(
+    args: argparse.Namespace, old: dict[str, Any] | None, info: ModelInfo, data: ScoreData
+) -> dict[str, Any]:
+    """The job's job.json: the one found in --out if it is this job, else a new one."""
+    seed = args.seed if args.seed is not None else (old or {}).get("seed")
+    ours = {
+        "format": JOB_FORMAT,
+        "model": info.name,
+        "model_version": info.version,
+        "data": str(data.path),
+        "data_sha256": data.sha256,
+        "split": data.split,
+        "source_arrays": list(data.source),
+        "labels": data.y is not None,
+        "rows": len(data.x),
+        "k": args.k,
+        "seed": secrets.randbits(64) if seed is None else seed,
+        "shard_size": args.shard_size,
+        "shards": {},
+        "complete": False,
+    }
+    if old is None:
+        return ours
+    changed = [
+        f"{key} {old.get(key)!r} (now {ours[key]!r})"
+        for key in _IDENTITY
+        if old.get(key) != ours[key]
+    ]
+    if changed:
+        raise UsageError(
+            f"--out: {args.out} holds another scoring job: {'; '.join(changed)}; use a new "
+            "folder, or the job's own parameters to resume it"
+        )
+    return old
+
+
+def _score_job(args: argparse.Namespace, events: ScoreEvents) -> int:
+    name, version = _check_args(args)
+    old = _read_job(args.out) if args.out.is_dir() else None
+    if old is not None and version == 0:
+        version = old.get("model_version", 0)  # resume the pinned version, not a newer one
+    scorer = _open(args, name, version)
+    try:
+        info = scorer.info
+        batch = _batch(args, info)
+        try:
+            data = load_score_data(args.data, args.split, info)
+        except DataError as exc:
+            raise UsageError(str(exc)) from None
+        if args.anomaly_class is not None:
+            _check_anomaly(args.anomaly_class, data)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out: cannot create {args.out}: {exc.strerror or exc}") from None
+        busy = f"--out: {args.out} is in use by another vae-score run"
+        with flock(args.out / LOCK_FILE, fcntl.LOCK_EX | fcntl.LOCK_NB, busy):
+            job = _plan(args, _read_job(args.out), info, data)
+            try:
+                _run(args.out, job, data, scorer, batch, events)
+                columns = _read_columns(args.out, job)
+                summary = summarize(job, columns, args.anomaly_class)
+                _save_json(args.out / SUMMARY_FILE, summary)
+            except OSError as exc:
+                raise JobFailed(
+                    f"--out {args.out}: {exc}; the shards finished so far are kept: re-run the "
+                    "same command to resume"
+                ) from None
+        lp = summary["log_px"]
+        log.info(
+            "done: %d images, log_px mean %.4f (median %.4f) nats, k %d; %s",
+            summary["count"], lp["mean"], lp["quantiles"]["50%"], job["k"],
+            args.out / SUMMARY_FILE,
+        )  # fmt: skip
+        if "anomaly" in summary:
+            log.info("AUROC of -log_px for class %d: %.4f", args.anomaly_class,
+                     summary["anomaly"]["auroc"])  # fmt: skip
+        return 0
+    finally:
+        scorer.close()
+
+
+def _check_anomaly(c: int, data: ScoreData) -> None:
+    if data.y is None:
+        raise UsageError(f"--anomaly-class: {data.path} holds no labels")
+    hits = int((data.y == c).sum())
+    if hits == 0 or hits == len(data.y):
+        what = "no" if hits == 0 else "only"
+        raise UsageError(f"--anomaly-class: the scored rows hold {what} images of class {c}")
+
+
+def _run(
+    out: Path,
+    job: dict[str, Any],
+    data: ScoreData,
+    scorer: Scorer,
+    batch: int,
+    events: ScoreEvents,
+) -> None:
+    for p in out.iterdir():
+        if _TEMPORARY.match(p.name):
+            p.unlink(missing_ok=True)
+    shards: dict[str, dict[str, Any]] = job["shards"]
+    bad = [i for i, r in shards.items() if sha256_of_file_or_none(out / r["path"]) != r["sha256"]]
+    for i in bad:
+        log.warning("%s differs from its recorded sha256; it will be redone", shards[i]["path"])
+        del shards[i]
+    if bad:
+        job["complete"] = False
+    total, size, n = _num_shards(job), job["shard_size"], job["rows"]
+    if len(shards) == total:
+        log.info("all %d shard(s) verified: nothing left to score", total)
+    else:
+        log.info(
+            "scoring %d images of %s:%d (k %d, seed %d, split %s) into %s: %d shard(s) of %d, "
+            "%d done",
+            n, job["model"], job["model_version"], job["k"], job["seed"], job["split"], out,
+            total, size, len(shards),
+        )  # fmt: skip
+    _save_json(out / JOB_FILE, job)
+    began, scored = time.perf_counter(), 0
+    labels = data.y if scorer.info.kind == "cvae" else None  # a VAE's labels are only kept
+    for index in range(total):
+        if str(index) in shards:
+            continue
+        start, stop = index * size, min((index + 1) * size, n)
+        parts = [
+            scorer.score(
+                data.x[a : min(a + batch, stop)],
+                None if labels is None else labels[a : min(a + batch, stop)],
+                job["k"],
+                job["seed"],
+                a,
+            )
+            for a in range(start, stop, batch)
+        ]
+        arrays = {"index": np.arange(start, stop, dtype=np.int64), "row": data.rows[start:stop]}
+        arrays.update({s: np.concatenate([p[s] for p in parts]) for s in SCORES})
+        if data.y is not None:
+            arrays["y"] = data.y[start:stop]
+        record = _write_shard(out, index, arrays, events)
+        shards[str(index)] = {"start": start, "stop": stop, **record}
+        job["shards"] = dict(sorted(shards.items(), key=lambda kv: int(kv[0])))
+        shards = job["shards"]
+        job["complete"] = len(shards) == total
+        _save_json(out / JOB_FILE, job)
+        events.shard_recorded(index)
+        scored += stop - start
+        rate = scored / max(time.perf_counter() - began, 1e-9)
+        log.info(
+            "shard %d/%d: images %d..%d, log_px mean %.4f nats; %d of %d images done "
+            "(%.0f images/s)",
+            index + 1, total, start, stop - 1, float(arrays["log_px"].mean()),
+            sum(r["stop"] - r["start"] for r in shards.values()), n, rate,
+        )  # fmt: skip
+
+
+def sha256_of_file_or_none(path: Path) -> str | None:
+    try:
+        return sha256_of_file(path)
+    except OSError:
+        return None
+
+
+def main(argv: Sequence[str] | None = None, events: ScoreEvents | None = None) -> int:
+    """``vae-score``: exit 0 when the job is complete, 1 when not, 2 for bad arguments or data."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__).setLevel(args.log_level)
+    try:
+        return _score_job(args, events or ScoreEvents())
+    except UsageError as exc:
+        print(f"vae-score: error: {exc}", file=sys.stderr)
+        return 2
+    except JobFailed as exc:
+        print(f"vae-score: {exc}", file=sys.stderr)
+        return 1
+    except VaeServeError as exc:
+        print(
+            f"vae-score: {exc.status}: {exc}; the shards finished so far are kept: re-run the "
+            "same command to resume",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("vae-score: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
