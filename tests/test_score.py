@@ -230,3 +230,29 @@ def test_client_score(served) -> None:
         np.testing.assert_allclose(result.log_px, bound, rtol=0, atol=TOLERANCE_NATS)
         with pytest.raises(InvalidRequest, match="k is 0, expected 1"):
             client.score("prior-gaussian-learned", x, labels=y, k=0)
+
+
+def test_served_scores_agree_with_vae_eval_within_monte_carlo_error(served: Served, figure):
+    """vae-eval's test NLL (training.evaluate.evaluate_model, torch's own noise) and the mean
+    −log_px of the same test split scored through the server (the server's noise) estimate
+    one number. The error is bounded from the server's own spread: 6 seeds give 6 estimates
+    of the split's mean; torch's single estimate and their mean differ by
+    N(0, σ²·(1 + 1/6)) if both are right, so |Δ| must stay under 4·σ·sqrt(7/6)."""
+    from vaeserve.training.data import load_dataset
+    from vaeserve.training.evaluate import evaluate_model
+
+    k, name = 5, "vae-bernoulli"
+    splits = load_dataset("digits", binarize="static")
+    x = np.ascontiguousarray(splits.test.x[np.arange(len(splits.test))], np.float32)
+    assert len(x) * k <= MAX_ROWS
+    model, _ = load_model(served.checkpoints[name])
+    torch_nll = evaluate_model(model, splits, k=k, seed=0)["test_nll_nats"]
+    with VaeClient(served.address) as client:
+        served_nll = np.array(
+            [-client.score(name, x, k=k, seed=seed).log_px.mean() for seed in range(1, 7)]
+        )
+    sigma = served_nll.std(ddof=1)
+    difference = abs(torch_nll - served_nll.mean())
+    figure("nll_torch_served_sigma", (torch_nll, served_nll.mean(), sigma))
+    assert sigma > 0  # six seeds, six estimates: the noise is real
+    assert difference < 4 * sigma * math.sqrt(7 / 6), (torch_nll, served_nll, sigma)
