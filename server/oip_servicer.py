@@ -12,6 +12,7 @@ convert (server/oip_convert.py), run, convert back.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -213,7 +214,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         names = convert.requested_outputs(request, specs)
         convert.check_answer_fits(len(job.x), names, specs, settings.max_message_bytes)
         with self._registry.use(graph.key.model, graph.key.version):
-            scores = await pipeline.score(graph.model, job, _deadline(context))
+            scores = await pipeline.score(graph.model, job, _deadline(context), asyncio.to_thread)
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=str(graph.key.version), id=request.id
         )

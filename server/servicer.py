@@ -140,7 +140,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
     async def Score(self, request, context):
         with self._use(request.model) as model:
             job = validate_score(request, model.manifest, self._settings)
-            scores = await pipeline.score(model, job, _deadline(context))
+            scores = await pipeline.score(model, job, _deadline(context), asyncio.to_thread)
             return pb.ScoreResponse(
                 model_name=model.manifest.name,
                 model_version=model.manifest.version,
