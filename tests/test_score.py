@@ -127,7 +127,7 @@ def _torch_scores(checkpoint: Path, x, y, eps: np.ndarray):
 
 @pytest.mark.parametrize("k", [1, 37])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_served_scores_equal_training_losses(served, stub, name: str, k: int) -> None:
+def test_served_scores_equal_training_losses(served, stub, name: str, k: int, figure) -> None:
     n, seed, start = 5, 1234, 3
     x, y = _data(n)
     labels = y if name.startswith(("concat", "prior")) else None
@@ -135,6 +135,12 @@ def test_served_scores_equal_training_losses(served, stub, name: str, k: int) ->
     assert (answer.seed, answer.k, answer.model_version, answer.model_name) == (seed, k, 1, name)
     eps = score_noise(seed, start, n, k, 2)
     elbo, bound, rec, kl = _torch_scores(served.checkpoints[name], x, labels, eps)
+    worst = max(
+        float(np.abs(np.array(getattr(answer, field)) - expected).max())
+        for field, expected in (("kl", kl), ("log_likelihood", rec), ("elbo", elbo),
+                                ("log_px", bound))
+    )  # fmt: skip
+    figure("max_abs_difference_nats", worst)
     np.testing.assert_allclose(answer.kl, kl, rtol=0, atol=TOLERANCE_NATS)
     np.testing.assert_allclose(answer.log_likelihood, rec, rtol=0, atol=TOLERANCE_NATS)
     np.testing.assert_allclose(answer.elbo, elbo, rtol=0, atol=TOLERANCE_NATS)
