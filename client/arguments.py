@@ -17,6 +17,7 @@ __all__ = [
     "check_args",
     "check_finalize_args",
     "parse_args",
+    "parse_model",
 ]
 
 MAX_SEED = 2**64 - 1
@@ -104,13 +105,17 @@ def _parser(required: bool) -> argparse.ArgumentParser:
     return p
 
 
+def parse_model(text: str) -> tuple[str, int]:
+    """``--model NAME`` or ``NAME:VERSION`` as (name, version or 0 for the highest)."""
+    name, _, version_text = text.partition(":")
+    if not name or (version_text and not (version_text.isdigit() and int(version_text) >= 1)):
+        raise UsageError(f"--model: expected NAME or NAME:VERSION (VERSION >= 1), got {text!r}")
+    return name, int(version_text or 0)
+
+
 def check_args(args: argparse.Namespace) -> tuple[str, int]:
     """Checks that need no model; returns (model name, version or 0)."""
-    name, _, version_text = args.model.partition(":")
-    if not name or (version_text and not (version_text.isdigit() and int(version_text) >= 1)):
-        raise UsageError(
-            f"--model: expected NAME or NAME:VERSION (VERSION >= 1), got {args.model!r}"
-        )
+    name, version = parse_model(args.model)
     positive = {
         "--num": args.num,
         "--shard-size": args.shard_size,
@@ -143,7 +148,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, int]:
         if path is not None and not path.is_file():
             raise UsageError(f"{flag}: {path} is not a readable file")
     _check_worker(args)
-    return name, int(version_text or 0)
+    return name, version
 
 
 def _check_worker(args: argparse.Namespace) -> None:

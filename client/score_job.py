@@ -26,20 +26,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from vaeserve.atomic import fsync_dir, write_atomically
-from vaeserve.client.arguments import MAX_SEED, TOKEN_ENV, UsageError
+from vaeserve.client.arguments import MAX_SEED, TOKEN_ENV, UsageError, parse_model
 from vaeserve.client.folder_locks import flock
 from vaeserve.client.score_data import SPLITS, DataError, ScoreData, load_score_data
+from vaeserve.client.score_summary import SCORES, summarize
+from vaeserve.client.scorers import LocalScorer, Scorer, ServedScorer
 from vaeserve.client.shards import npz_bytes
-from vaeserve.errors import ModelNotFound, ServerError, VaeServeError
+from vaeserve.errors import ModelNotFound, VaeServeError
 from vaeserve.info import ModelInfo
 from vaeserve.manifest import sha256_of_file
 
-__all__ = ["ScoreEvents", "auroc", "average_ranks", "main", "summarize"]
+__all__ = ["ScoreEvents", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
 JOB_FORMAT = "vae-score-job/1"
-SCORES = ("elbo", "log_px", "log_likelihood", "kl")
-QUANTILES = (1, 5, 25, 50, 75, 95, 99)
 DEFAULT_BATCH = 256
 _TEMPORARY = re.compile(r"^\.(shard-\d+\.npz|job\.json|summary\.json)\..*tmp$")
 # What decides a job's bytes: a resume must agree on every one.
@@ -69,144 +69,6 @@ class ScoreEvents:
 
     shard_written: Callable[[int], None] = _ignore  # on disk under its temporary name
     shard_recorded: Callable[[int], None] = _ignore  # renamed and listed in job.json
-
-
-# --- the model: in-process engine or a server -------------------------------------------------
-
-
-class Scorer(Protocol):
-    info: ModelInfo
-
-    def score(
-        self, x: np.ndarray, y: np.ndarray | None, k: int, seed: int, start: int
-    ) -> dict[str, np.ndarray]: ...
-
-    def close(self) -> None: ...
-
-
-class LocalScorer:
-    """``--local REPO``: the engine in-process (onnxruntime on the CPU), as vae-generate --local."""
-
-    def __init__(self, repository: Path, name: str, version: int):
-        from vaeserve.engine import Engine, sampling
-        from vaeserve.info import Limits, model_info
-        from vaeserve.manifest import list_versions
-
-        self.engine = e = Engine.open(repository, name, version, "cpu")
-        big = sampling.MAX_ROW_INDEX
-        limits = Limits(big, big, 2**63 - 1, big, big, big, big, big)
-        versions = list_versions(Path(repository) / name)
-        self.info = model_info(e.manifest, e.manifest_json, e.provider, versions, limits)
-
-    def score(
-        self, x: np.ndarray, y: np.ndarray | None, k: int, seed: int, start: int
-    ) -> dict[str, np.ndarray]:
-        s = self.engine.score(x, labels=y, k=k, seed=seed, start=start)
-        return {name: np.asarray(getattr(s, name), dtype=np.float64) for name in SCORES}
-
-    def close(self) -> None:
-        pass
-
-
-class ServedScorer:
-    """``--server ADDR``: the Score RPC through VaeClient (retries while the server is away)."""
-
-    def __init__(self, args: argparse.Namespace, name: str, version: int):
-        from vaeserve.client.client import VaeClient
-        from vaeserve.client.retry import RetryPolicy
-
-        self.client = VaeClient(
-            args.server,
-            tls=args.tls or args.ca_cert is not None,
-            root_certificates=None if args.ca_cert is None else args.ca_cert.read_bytes(),
-            token=args.token or os.environ.get(TOKEN_ENV),
-            timeout_s=args.timeout,
-            retry=RetryPolicy(max_attempts=None, max_backoff_s=2.0, deadline_s=args.retry_timeout),
-        )
-        self.name = name
-        try:
-            self.info = self.client.model_info(name, version)
-        except BaseException:
-            self.client.close()
-            raise
-
-    def score(
-        self, x: np.ndarray, y: np.ndarray | None, k: int, seed: int, start: int
-    ) -> dict[str, np.ndarray]:
-        r = self.client.score(
-            self.name, x, version=self.info.version, labels=y, k=k, seed=seed, start_index=start
-        )
-        if r.model_version != self.info.version:
-            raise ServerError(
-                f"the server answered with version {r.model_version} of {self.name!r}, not the "
-                f"pinned {self.info.version}"
-            )
-        return {name: getattr(r, name) for name in SCORES}
-
-    def close(self) -> None:
-        self.client.close()
-
-
-# --- statistics ---------------------------------------------------------------------------------
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values``, ties given the mean of the ranks they span."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + 1 + ends) / 2.0)[inverse.reshape(-1)]
-
-
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for ``positive`` (bool), by the rank formula
-    (Mann-Whitney U / (n₊ n₋), ties counting one half).
-
-    Raises:
-        ValueError: no positives or no negatives.
-    """
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"AUROC needs positives and negatives, got {n_pos} and {n_neg}")
-    rank_sum = float(average_ranks(scores)[positive].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
-def _stats(values: np.ndarray) -> dict[str, Any]:
-    q = np.quantile(values, [p / 100.0 for p in QUANTILES])
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "quantiles": {f"{p}%": float(v) for p, v in zip(QUANTILES, q, strict=True)},
-    }
-
-
-def summarize(
-    job: dict[str, Any], columns: dict[str, np.ndarray], anomaly_class: int | None
-) -> dict[str, Any]:
-    """summary.json: count, mean/std/quantiles of log_px and elbo, and the AUROC if asked."""
-    summary: dict[str, Any] = {
-        "model": job["model"],
-        "model_version": job["model_version"],
-        "data_sha256": job["data_sha256"],
-        "split": job["split"],
-        "k": job["k"],
-        "seed": job["seed"],
-        "count": int(len(columns["log_px"])),
-        "log_px": _stats(columns["log_px"]),
-        "elbo": _stats(columns["elbo"]),
-    }
-    if anomaly_class is not None:
-        positive = columns["y"] == anomaly_class
-        summary["anomaly"] = {
-            "class": anomaly_class,
-            "score": "-log_px",
-            "positives": int(positive.sum()),
-            "negatives": int((~positive).sum()),
-            "auroc": auroc(-columns["log_px"], positive),
-        }
-    return summary
 
 
 # --- the job's files ----------------------------------------------------------------------------
@@ -318,11 +180,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> tuple[str, int]:
-    name, _, version_text = args.model.partition(":")
-    if not name or (version_text and not (version_text.isdigit() and int(version_text) >= 1)):
-        raise UsageError(
-            f"--model: expected NAME or NAME:VERSION (VERSION >= 1), got {args.model!r}"
-        )
+    name, version = parse_model(args.model)
     for flag, value in (
         ("--k", args.k),
         ("--shard-size", args.shard_size),
@@ -341,7 +199,7 @@ def _check_args(args: argparse.Namespace) -> tuple[str, int]:
         raise UsageError(f"--local: model repository {args.local} is not a folder")
     if args.ca_cert is not None and not args.ca_cert.is_file():
         raise UsageError(f"--ca-cert: {args.ca_cert} is not a readable file")
-    return name, int(version_text or 0)
+    return name, version
 
 
 def _open(args: argparse.Namespace, name: str, version: int) -> Scorer:

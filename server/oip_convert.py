@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -96,12 +97,7 @@ def score_request(request: pb.ModelInferRequest, m: ModelManifest, max_rows: int
             not one-dimensional or not filled, or k, seed or start_index not an integer
             parameter (or a uint64 k or start_index beyond int64).
     """
-    raw = detached_bytes(request, "raw_input_contents") or request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidRequest(
-            f"raw_input_contents has {len(raw)} entries, expected one per input "
-            f"({len(request.inputs)})"
-        )
+    raw = _raw_contents(request)
     names = [t.name for t in request.inputs]
     if "x" not in names or len(set(names)) != len(names) or not set(names) <= {"x", "y"}:
         expected = list(scorer_inputs(m))
@@ -175,12 +171,7 @@ def decode_inputs(
             disagrees with the graph, contents that do not fill the shape, mixed raw and typed
             contents, inputs with different batch sizes, or more than ``max_rows`` rows.
     """
-    raw = detached_bytes(request, "raw_input_contents") or request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidRequest(
-            f"raw_input_contents has {len(raw)} entries, expected one per input "
-            f"({len(request.inputs)})"
-        )
+    raw = _raw_contents(request)
     names = [t.name for t in request.inputs]
     if sorted(names) != sorted(specs):
         raise InvalidRequest(f"inputs are {names}, expected exactly {sorted(specs)}")
@@ -335,3 +326,15 @@ def encode_outputs(
         out.shape.extend(array.shape)
         contents.append((_RAW_OUTPUT, [array]))
     return protowire.serialize(response, contents)
+
+
+def _raw_contents(request: pb.ModelInferRequest) -> Sequence[Any]:
+    """The request's raw_input_contents (detached from gRPC's buffer when they were), one
+    per input or none."""
+    raw = detached_bytes(request, "raw_input_contents") or request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequest(
+            f"raw_input_contents has {len(raw)} entries, expected one per input "
+            f"({len(request.inputs)})"
+        )
+    return raw

@@ -15,7 +15,9 @@ from client_fixtures import CVAE, VAE, serve, tiny_repository
 
 from vaeserve.client import VaeClient
 from vaeserve.client.score_data import load_score_data
-from vaeserve.client.score_job import LocalScorer, auroc, average_ranks, main
+from vaeserve.client.score_job import main
+from vaeserve.client.score_summary import auroc, average_ranks
+from vaeserve.client.scorers import LocalScorer
 from vaeserve.engine import Engine
 
 N = 130
