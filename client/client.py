@@ -17,13 +17,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from vaeserve.client.interpolation import (
-    PATHS,
-    InterpolationResult,
-    check_steps,
-    interpolation_times,
-    latent_path,
-)
+from vaeserve.client.interpolation import InterpolationResult, interpolate
+from vaeserve.client.requests import choice, label_list, remaining, sample_request
 from vaeserve.client.results import (
     DecodeResult,
     EncodeResult,
@@ -180,7 +175,7 @@ class VaeClient:
             VaeServeError: InvalidRequest, ModelNotFound, ... or a retryable status once the
                 retry policy is spent.
         """
-        request = _sample_request(
+        request = sample_request(
             model,
             num_samples,
             version=version,
@@ -221,7 +216,7 @@ class VaeClient:
         Raises:
             VaeServeError: as ``sample``.
         """
-        request = _sample_request(
+        request = sample_request(
             model,
             num_samples,
             version=version,
@@ -239,7 +234,7 @@ class VaeClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         while received < num_samples:
             call = self._next_stub().SampleStream(
-                pb.SampleStreamRequest(request=_rest(request, received), chunk_size=chunk_size),
+                pb.SampleStreamRequest(request=remaining(request, received), chunk_size=chunk_size),
                 timeout=retrier.attempt_timeout(timeout),
                 metadata=self._metadata,
             )
@@ -275,7 +270,7 @@ class VaeClient:
         request = Outgoing(
             pb.EncodeRequest(
                 model=pb.ModelRef(name=model, version=version),
-                labels=_labels(labels),
+                labels=label_list(labels),
                 num_draws=num_draws,
                 seed=seed,
             ),
@@ -307,10 +302,10 @@ class VaeClient:
         request = Outgoing(
             pb.DecodeRequest(
                 model=pb.ModelRef(name=model, version=version),
-                labels=_labels(labels),
-                output=_choice("output", output, OUTPUTS),
+                labels=label_list(labels),
+                output=choice("output", output, OUTPUTS),
                 seed=seed,
-                encoding=_choice("encoding", encoding, ENCODINGS),
+                encoding=choice("encoding", encoding, ENCODINGS),
             ),
             {"z": np.asarray(z, dtype=np.float32)},
         )
@@ -336,8 +331,8 @@ class VaeClient:
         request = Outgoing(
             pb.ReconstructRequest(
                 model=pb.ModelRef(name=model, version=version),
-                labels=_labels(labels),
-                encoding=_choice("encoding", encoding, ENCODINGS),
+                labels=label_list(labels),
+                encoding=choice("encoding", encoding, ENCODINGS),
             ),
             {"x": x},
         )
@@ -355,60 +350,13 @@ class VaeClient:
         version: int = 0,
         timeout_s: float | None = None,
     ) -> InterpolationResult:
-        """Decoded points of a latent path between the posterior means of two inputs.
-
-        Encodes x_a and x_b (one Encode call; their means mu_a, mu_b), builds ``steps`` latents
-        from mu_a to mu_b, both included (``path``: "linear", (1 - t) mu_a + t mu_b, or
-        "spherical", slerp, which falls back to linear where the angle between the means is ~0
-        or ~pi: see ``vaeserve.client.interpolation``), and decodes them (the means of
-        p(x|z[,y]), float32). One model version serves all calls (version 0: the highest loaded
-        when the call starts). docs/interpolation.md.
-
-        Args:
-            x_a, x_b: one input each, of shape sample_shape or (1, *sample_shape).
-            steps: number of points, 2..256, ends included.
-            labels: CVAE: the one class used for both ends and the whole path (an int, or a
-                sequence of one int); must be None for a VAE.
-            path: "linear" or "spherical".
-
-        Raises:
-            ValueError: a bad ``steps``, ``path``, ``labels``, ``x_a`` or ``x_b`` (the message
-                names the argument).
-            VaeServeError: as ``encode`` and ``decode``.
-        """
-        steps = check_steps(steps)
-        if path not in PATHS:
-            raise ValueError(f"path: expected one of {', '.join(PATHS)}, got {path!r}")
-        info = self.model_info(model, version, timeout_s=timeout_s)
-        label = _interpolation_label(labels, info.kind, info.num_classes)
-        x = np.concatenate(
-            [
-                _one_input("x_a", x_a, info.sample_shape),
-                _one_input("x_b", x_b, info.sample_shape),
-            ]
-        )
-        ends_labels = None if label is None else [label, label]
-        enc = self.encode(model, x, version=info.version, labels=ends_labels, timeout_s=timeout_s)
-        latents = latent_path(enc.mu[0], enc.mu[1], steps, path).astype(np.float32)
-        latents[0], latents[-1] = enc.mu[0], enc.mu[1]
-        chunk = info.max_samples_per_request or steps
-        images = []
-        for start in range(0, steps, chunk):
-            z = latents[start : start + chunk]
-            path_labels = None if label is None else [label] * len(z)
-            dec = self.decode(
-                model, z, version=info.version, labels=path_labels, timeout_s=timeout_s
-            )
-            images.append(dec.x)
-        return InterpolationResult(
-            model_name=enc.model_name,
-            model_version=enc.model_version,
-            path=path,
-            label=label,
-            t=interpolation_times(steps),
-            latents=latents,
-            images=np.concatenate(images),
-        )
+        """Decoded points of a latent path between the posterior means of two inputs: see
+        ``vaeserve.client.interpolation.interpolate`` (its arguments, errors) and
+        docs/interpolation.md."""
+        return interpolate(
+            self, model, x_a, x_b, steps, labels=labels, path=path, version=version,
+            timeout_s=timeout_s,
+        )  # fmt: skip
 
     def score(
         self,
@@ -436,7 +384,7 @@ class VaeClient:
         request = Outgoing(
             pb.ScoreRequest(
                 model=pb.ModelRef(name=model, version=version),
-                labels=_labels(labels),
+                labels=label_list(labels),
                 k=k,
                 seed=seed,
                 start_index=start_index,
@@ -454,90 +402,3 @@ class VaeClient:
             log_likelihood=np.array(resp.log_likelihood, dtype=np.float64),
             kl=np.array(resp.kl, dtype=np.float64),
         )
-
-
-def _sample_request(
-    model: str,
-    num_samples: int,
-    *,
-    version: int,
-    label: int | None,
-    labels: Sequence[int] | np.ndarray | None,
-    seed: int | None,
-    temperature: float | None,
-    output: str,
-    encoding: str,
-    return_latents: bool,
-    start_index: int,
-) -> pb.SampleRequest:
-    return pb.SampleRequest(
-        model=pb.ModelRef(name=model, version=version),
-        num_samples=num_samples,
-        label=label,
-        labels=_labels(labels),
-        seed=seed,
-        temperature=temperature,
-        output=_choice("output", output, OUTPUTS),
-        return_latents=return_latents,
-        encoding=_choice("encoding", encoding, ENCODINGS),
-        start_index=start_index,
-    )
-
-
-def _rest(request: pb.SampleRequest, received: int) -> pb.SampleRequest:
-    """``request`` less its first ``received`` samples."""
-    rest = pb.SampleRequest()
-    rest.CopyFrom(request)
-    rest.num_samples -= received
-    rest.start_index += received
-    del rest.labels[:received]
-    return rest
-
-
-def _labels(labels: Sequence[int] | np.ndarray | None) -> list[int] | None:
-    return None if labels is None else np.asarray(labels, dtype=np.int64).tolist()
-
-
-def _choice(name: str, value: str, options: dict[str, int]) -> int:
-    try:
-        return options[value]
-    except KeyError:
-        raise ValueError(f"{name}: expected one of {', '.join(options)}, got {value!r}") from None
-
-
-def _interpolation_label(
-    labels: int | Sequence[int] | np.ndarray | None, kind: str, num_classes: int
-) -> int | None:
-    """The one class of an interpolation: None for a VAE, required for a CVAE."""
-    if kind != "cvae":
-        if labels is not None:
-            raise ValueError(f"labels: the model is a {kind} and takes no labels, got {labels!r}")
-        return None
-    if labels is None:
-        raise ValueError("labels: the model is a cvae: give the one class of the interpolation")
-    flat = np.asarray(labels).reshape(-1)
-    if flat.size != 1 or not np.issubdtype(flat.dtype, np.integer):
-        raise ValueError(
-            f"labels: expected one integer class (used for both ends and the path), got {labels!r}"
-        )
-    label = int(flat[0])
-    if not 0 <= label < num_classes:
-        raise ValueError(f"labels: expected a class in 0..{num_classes - 1}, got {label}")
-    return label
-
-
-def _one_input(name: str, x: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
-    """``x`` as (1, *sample_shape) float32, else ValueError naming ``name``."""
-    array = np.asarray(x)
-    if array.shape == tuple(sample_shape):
-        array = array[None]
-    if array.shape != (1, *sample_shape):
-        raise ValueError(
-            f"{name}: expected shape {tuple(sample_shape)} or (1, *that), got {array.shape}"
-        )
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise ValueError(f"{name}: expected real numbers, got dtype {array.dtype}")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name}: expected finite values")
-    return array

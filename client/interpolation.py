@@ -13,7 +13,9 @@ t = 0, 1/(steps-1), ..., 1 (both ends included, exactly ``a`` and ``b``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +25,9 @@ __all__ = [
     "SLERP_MIN_SIN",
     "InterpolationResult",
     "check_steps",
+    "interpolate",
+    "interpolation_label",
+    "one_input",
     "interpolation_times",
     "latent_path",
     "linear_path",
@@ -106,3 +111,108 @@ def latent_path(a: np.ndarray, b: np.ndarray, steps: int, path: str = "linear") 
         raise ValueError(f"path: expected one of {', '.join(PATHS)}, got {path!r}")
     t = interpolation_times(steps)
     return linear_path(a, b, t) if path == "linear" else spherical_path(a, b, t)
+
+
+def interpolate(
+    client: Any,  # a VaeClient: typed loosely, the client module imports this one
+    model: str,
+    x_a: np.ndarray,
+    x_b: np.ndarray,
+    steps: int,
+    *,
+    labels: int | Sequence[int] | np.ndarray | None = None,
+    path: str = "linear",
+    version: int = 0,
+    timeout_s: float | None = None,
+) -> InterpolationResult:
+    """``VaeClient.interpolate``: decoded points of a latent path between the posterior
+    means of two inputs, ``client`` making the calls.
+
+    Encodes x_a and x_b (one Encode call; their means mu_a, mu_b), builds ``steps`` latents
+    from mu_a to mu_b, both included (``path``: "linear", (1 - t) mu_a + t mu_b, or
+    "spherical", slerp, which falls back to linear where the angle between the means is ~0
+    or ~pi: see ``vaeserve.client.interpolation``), and decodes them (the means of
+    p(x|z[,y]), float32). One model version serves all calls (version 0: the highest loaded
+    when the call starts). docs/interpolation.md.
+
+    Args:
+        x_a, x_b: one input each, of shape sample_shape or (1, *sample_shape).
+        steps: number of points, 2..256, ends included.
+        labels: CVAE: the one class used for both ends and the whole path (an int, or a
+            sequence of one int); must be None for a VAE.
+        path: "linear" or "spherical".
+
+    Raises:
+        ValueError: a bad ``steps``, ``path``, ``labels``, ``x_a`` or ``x_b`` (the message
+            names the argument).
+        VaeServeError: as ``encode`` and ``decode``.
+    """
+    steps = check_steps(steps)
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {', '.join(PATHS)}, got {path!r}")
+    info = client.model_info(model, version, timeout_s=timeout_s)
+    label = interpolation_label(labels, info.kind, info.num_classes)
+    x = np.concatenate(
+        [
+            one_input("x_a", x_a, info.sample_shape),
+            one_input("x_b", x_b, info.sample_shape),
+        ]
+    )
+    ends_labels = None if label is None else [label, label]
+    enc = client.encode(model, x, version=info.version, labels=ends_labels, timeout_s=timeout_s)
+    latents = latent_path(enc.mu[0], enc.mu[1], steps, path).astype(np.float32)
+    latents[0], latents[-1] = enc.mu[0], enc.mu[1]
+    chunk = info.max_samples_per_request or steps
+    images = []
+    for start in range(0, steps, chunk):
+        z = latents[start : start + chunk]
+        path_labels = None if label is None else [label] * len(z)
+        dec = client.decode(model, z, version=info.version, labels=path_labels, timeout_s=timeout_s)
+        images.append(dec.x)
+    return InterpolationResult(
+        model_name=enc.model_name,
+        model_version=enc.model_version,
+        path=path,
+        label=label,
+        t=interpolation_times(steps),
+        latents=latents,
+        images=np.concatenate(images),
+    )
+
+
+def interpolation_label(
+    labels: int | Sequence[int] | np.ndarray | None, kind: str, num_classes: int
+) -> int | None:
+    """The one class of an interpolation: None for a VAE, required for a CVAE."""
+    if kind != "cvae":
+        if labels is not None:
+            raise ValueError(f"labels: the model is a {kind} and takes no labels, got {labels!r}")
+        return None
+    if labels is None:
+        raise ValueError("labels: the model is a cvae: give the one class of the interpolation")
+    flat = np.asarray(labels).reshape(-1)
+    if flat.size != 1 or not np.issubdtype(flat.dtype, np.integer):
+        raise ValueError(
+            f"labels: expected one integer class (used for both ends and the path), got {labels!r}"
+        )
+    label = int(flat[0])
+    if not 0 <= label < num_classes:
+        raise ValueError(f"labels: expected a class in 0..{num_classes - 1}, got {label}")
+    return label
+
+
+def one_input(name: str, x: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as (1, *sample_shape) float32, else ValueError naming ``name``."""
+    array = np.asarray(x)
+    if array.shape == tuple(sample_shape):
+        array = array[None]
+    if array.shape != (1, *sample_shape):
+        raise ValueError(
+            f"{name}: expected shape {tuple(sample_shape)} or (1, *that), got {array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"{name}: expected real numbers, got dtype {array.dtype}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}: expected finite values")
+    return array

@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -31,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from vaeserve.atomic import fsync_dir, write_atomically
-from vaeserve.client.arguments import MAX_SEED, TOKEN_ENV, UsageError, parse_model
+from vaeserve.client.arguments import UsageError
 from vaeserve.client.folder_locks import flock
-from vaeserve.client.score_data import SPLITS, DataError, ScoreData, load_score_data
+from vaeserve.client.score_args import DEFAULT_BATCH, build_parser, check_score_args
+from vaeserve.client.score_data import DataError, ScoreData, load_score_data
 from vaeserve.client.score_summary import SCORES, summarize
 from vaeserve.client.scorers import LocalScorer, Scorer, ServedScorer
 from vaeserve.client.shards import npz_bytes
@@ -49,7 +49,6 @@ JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
 JOB_FORMAT = "vae-score-job/1"
-DEFAULT_BATCH = 256
 _TEMPORARY = re.compile(r"^\.(shard-\d+\.npz|job\.json|summary\.json)\..*tmp$")
 # What decides a job's bytes: a resume must agree on every one.
 _IDENTITY = ("model", "model_version", "data_sha256", "split", "rows", "k", "seed", "shard_size")
@@ -139,69 +138,6 @@ def _num_shards(job: dict[str, Any]) -> int:
 # --- the command --------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vae-score",
-        description="Score every image of a data set (ELBO, k-sample bound on log p(x), "
-        "E[log p(x|z)], KL; nats) into shard files and a summary; re-run to resume. "
-        "See docs/score.md.",
-    )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--server", help="host:port of vae-serve; several, comma-separated")
-    where.add_argument(
-        "--local", metavar="REPO", type=Path, help="run in-process on this repository"
-    )
-    p.add_argument("--model", required=True, help="NAME or NAME:VERSION (default: highest)")
-    p.add_argument("--data", required=True, help="npz:PATH (x [+ y], or x_train/x_test [+ y_*])")
-    p.add_argument("--k", type=int, required=True, help="importance samples per image")
-    p.add_argument("--out", type=Path, required=True, help="output folder of the job")
-    p.add_argument("--seed", type=int, help="seed of the draws (default: random, recorded)")
-    p.add_argument(
-        "--split",
-        choices=SPLITS,
-        help="rows to score (default: x_test of a file holding one, else all of x); see "
-        "docs/score.md",
-    )
-    p.add_argument("--batch", type=int, help="images per request (default: 256, within limits)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
-    p.add_argument(
-        "--anomaly-class",
-        type=int,
-        metavar="C",
-        help="also report the AUROC of -log_px for 'is class C' (needs labels)",
-    )
-    p.add_argument("--timeout", type=float, default=60.0, help="deadline of a request, seconds")
-    p.add_argument("--retry-timeout", type=float, default=120.0, help="seconds to keep retrying")
-    p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--ca-cert", type=Path, help="PEM root certificates for TLS")
-    p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return p
-
-
-def _check_args(args: argparse.Namespace) -> tuple[str, int]:
-    name, version = parse_model(args.model)
-    for flag, value in (
-        ("--k", args.k),
-        ("--shard-size", args.shard_size),
-        ("--batch", args.batch),
-    ):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag}: expected an integer >= 1, got {value}")
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        raise UsageError(f"--seed: expected an integer in 0..2**64-1, got {args.seed}")
-    for flag, value in (("--timeout", args.timeout), ("--retry-timeout", args.retry_timeout)):
-        if not (math.isfinite(value) and value > 0):
-            raise UsageError(f"{flag}: expected a positive number of seconds, got {value}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out: {args.out} exists and is not a folder")
-    if args.local is not None and not args.local.is_dir():
-        raise UsageError(f"--local: model repository {args.local} is not a folder")
-    if args.ca_cert is not None and not args.ca_cert.is_file():
-        raise UsageError(f"--ca-cert: {args.ca_cert} is not a readable file")
-    return name, version
-
-
 def _open(args: argparse.Namespace, name: str, version: int) -> Scorer:
     where = f"--server {args.server}" if args.server else f"--local {args.local}"
     try:
@@ -262,7 +198,7 @@ def _plan(
 
 
 def _score_job(args: argparse.Namespace, events: ScoreEvents) -> int:
-    name, version = _check_args(args)
+    name, version = check_score_args(args)
     old = _read_job(args.out) if args.out.is_dir() else None
     if old is not None and version == 0:
         version = old.get("model_version", 0)  # resume the pinned version, not a newer one
@@ -391,7 +327,7 @@ def sha256_of_file_or_none(path: Path) -> str | None:
 
 def main(argv: Sequence[str] | None = None, events: ScoreEvents | None = None) -> int:
     """``vae-score``: exit 0 when the job is complete, 1 when not, 2 for bad arguments or data."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).setLevel(args.log_level)
     try:

@@ -22,10 +22,15 @@ import datetime
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["Ranks", "start", "local_positions"]
+from vaeserve.training.losses import training_loss
+from vaeserve.training.model import VAE
+
+__all__ = ["Ranks", "StepLoss", "derived_seed", "local_positions", "seeded_generator", "start"]
 
 # How long a rank waits for the others at a collective before the job fails (a dead peer
 # that torchrun did not notice, a hung NCCL call): an error, not a hang.
@@ -105,3 +110,36 @@ def local_positions(batch: int, ranks: Ranks) -> slice:
     share, extra = divmod(batch, ranks.world_size)
     begin = ranks.rank * share + min(ranks.rank, extra)
     return slice(begin, begin + share + (ranks.rank < extra))
+
+
+class StepLoss(nn.Module):
+    """One rank's loss for its part of a global batch, as a module that
+    DistributedDataParallel can wrap: the batch's mean loss times ``weight`` (the share that
+    makes the averaged gradients those of the global batch)."""
+
+    def __init__(self, model: VAE):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        beta: float,
+        k: int,
+        eps: torch.Tensor,
+        weight: float,
+    ) -> torch.Tensor:
+        if len(x) == 0:  # fewer rows than ranks: take part in the gradient exchange with 0
+            return sum(p.sum() for p in self.model.parameters()) * 0.0
+        loss, _ = training_loss(self.model, x, y, beta, k, eps)
+        return loss * weight
+
+
+def derived_seed(seed: int, purpose: int, index: int) -> int:
+    """A seed for one purpose and epoch or step, well mixed from the run's seed."""
+    return int(np.random.SeedSequence([seed, purpose, index]).generate_state(1, np.uint64)[0])
+
+
+def seeded_generator(device: torch.device | str, seed: int, purpose: int, index: int):
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, purpose, index))

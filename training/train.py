@@ -33,10 +33,10 @@ from vaeserve.training.checkpoint import (
 )
 from vaeserve.training.config import TrainConfig
 from vaeserve.training.data import DatasetSplits, load_dataset
-from vaeserve.training.distributed import Ranks, local_positions
+from vaeserve.training.distributed import Ranks, StepLoss, local_positions, seeded_generator
 from vaeserve.training.evaluate import evaluate_model, finite_metrics, resolve_device, write_grids
 from vaeserve.training.image_rows import Split, iter_batches
-from vaeserve.training.losses import elbo_terms, iwae_bound, training_loss
+from vaeserve.training.losses import elbo_terms, iwae_bound
 from vaeserve.training.model import VAE, build_model
 
 __all__ = ["RESUMABLE", "resume_config", "train"]
@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 METRICS_NAME = "metrics.json"
 _VAL_SEED = 12345  # the same ε every epoch, so validation ELBOs differ by the model alone
 _VAL_BATCH = 1024
-# Purposes of the generators derived from the run's seed (_derived_seed): each epoch's order
-# and binarization, each step's noise. Every rank derives the same ones.
+# Purposes of the generators derived from the run's seed (distributed.seeded_generator): each
+# epoch's order and binarization, each step's noise. Every rank derives the same ones.
 _ORDER, _BINARIZE, _NOISE = 1, 2, 3
 # Settings that a resumed run may change; every other one is the stored run's.
 RESUMABLE = ("epochs", "device", "num_threads", "eval_k", "save_interval_s")
@@ -203,7 +203,7 @@ def _fit(
 ) -> None:
     steps_per_epoch = math.ceil(len(splits.train) / config.batch_size)
     bound_name = "val_elbo" if config.train_k == 1 else f"val_iwae{config.train_k}"
-    step_loss: nn.Module = _StepLoss(model)
+    step_loss: nn.Module = StepLoss(model)
     if ranks.distributed:  # averages the gradients of the ranks' parts of each global batch
         step_loss = DistributedDataParallel(
             step_loss, device_ids=[device] if device.type == "cuda" else None
@@ -239,30 +239,6 @@ def _fit(
     bar.close()
 
 
-class _StepLoss(nn.Module):
-    """One rank's loss for its part of a global batch, as a module that
-    DistributedDataParallel can wrap: the batch's mean loss times ``weight`` (the share that
-    makes the averaged gradients those of the global batch)."""
-
-    def __init__(self, model: VAE):
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor | None,
-        beta: float,
-        k: int,
-        eps: torch.Tensor,
-        weight: float,
-    ) -> torch.Tensor:
-        if len(x) == 0:  # fewer rows than ranks: take part in the gradient exchange with 0
-            return sum(p.sum() for p in self.model.parameters()) * 0.0
-        loss, _ = training_loss(self.model, x, y, beta, k, eps)
-        return loss * weight
-
-
 def _train_epoch(
     step_loss: nn.Module,
     model: VAE,
@@ -278,7 +254,9 @@ def _train_epoch(
     image over all ranks."""
     model.train()
     split = splits.train
-    order = torch.randperm(len(split), generator=_generator("cpu", config.seed, _ORDER, epoch))
+    order = torch.randperm(
+        len(split), generator=seeded_generator("cpu", config.seed, _ORDER, epoch)
+    )
     warmup_steps = config.kl_warmup_epochs * steps_per_epoch
     latent = model.config.latent_dim
     total, seen = 0.0, 0
@@ -292,10 +270,10 @@ def _train_epoch(
         y = None if split.y is None else torch.from_numpy(split.y[idx]).to(device)
         # The step's randomness is drawn for the whole global batch, the same on every rank,
         # and each rank takes its part: one process and N draw alike.
-        noise = _generator(device, config.seed, _NOISE, step)
+        noise = seeded_generator(device, config.seed, _NOISE, step)
         eps = torch.randn((config.train_k, len(batch), latent), generator=noise, device=device)
         if splits.binarize == "dynamic":  # a fresh Bernoulli draw of the grey images
-            draw = _generator(device, config.seed, _BINARIZE, step)
+            draw = seeded_generator(device, config.seed, _BINARIZE, step)
             u = torch.rand((len(batch), *x.shape[1:]), generator=draw, device=device)
             x = (u[part] < x).to(x.dtype)
         weight = len(idx) / len(batch) * ranks.world_size
@@ -313,15 +291,6 @@ def _train_epoch(
         dist.all_reduce(sums)
         total, seen = sums.tolist()
     return total / max(seen, 1)
-
-
-def _derived_seed(seed: int, purpose: int, index: int) -> int:
-    """A seed for one purpose and epoch or step, well mixed from the run's seed."""
-    return int(np.random.SeedSequence([seed, purpose, index]).generate_state(1, np.uint64)[0])
-
-
-def _generator(device: torch.device | str, seed: int, purpose: int, index: int):
-    return torch.Generator(device=device).manual_seed(_derived_seed(seed, purpose, index))
 
 
 @torch.no_grad()
