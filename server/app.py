@@ -36,10 +36,11 @@ from vaeserve.engine.runner import ProviderUnavailable, runner_factory
 from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.server.handlers import add_service
+from vaeserve.server.inference_protocol import GRAPHS, InferenceProtocol
 from vaeserve.server.limits import RequestLimits
 from vaeserve.server.metrics import MetricsEndpoint, ServerMetrics
 from vaeserve.server.observer import UNKNOWN_MODEL, RequestObserver
-from vaeserve.server.oip_servicer import GRAPHS, OipServicer
+from vaeserve.server.oip_servicer import OipServicer
 from vaeserve.server.reload import Reloader, ReloadPlan
 from vaeserve.server.repository import ModelRegistry, RepositoryError
 from vaeserve.server.security import BearerTokenInterceptor, read_token, server_credentials
@@ -61,23 +62,28 @@ KEPT_FREE_BYTES = 256 << 20
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# Adds one servicer to the server and returns the full names of the services it added.
-ServiceAdder = Callable[[grpc.aio.Server, ModelRegistry, ServerSettings], Sequence[str]]
+# Adds one servicer to the server and returns the full names of the services it added; the
+# protocol is the one Open Inference Protocol front every transport of this server shares.
+ServiceAdder = Callable[
+    [grpc.aio.Server, ModelRegistry, ServerSettings, InferenceProtocol], Sequence[str]
+]
 
 
 def add_typed_api(
-    server: grpc.aio.Server, registry: ModelRegistry, settings: ServerSettings
-) -> Sequence[str]:
+    server: grpc.aio.Server, registry: ModelRegistry, settings: ServerSettings,
+    protocol: InferenceProtocol,
+) -> Sequence[str]:  # fmt: skip
     service = pb.DESCRIPTOR.services_by_name["VaeService"]
     servicer = VaeServicer(registry, settings)
     return [add_service(server, service, servicer, settings.max_request_fields)]
 
 
 def add_inference_protocol(
-    server: grpc.aio.Server, registry: ModelRegistry, settings: ServerSettings
-) -> Sequence[str]:
+    server: grpc.aio.Server, registry: ModelRegistry, settings: ServerSettings,
+    protocol: InferenceProtocol,
+) -> Sequence[str]:  # fmt: skip
     service = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    servicer = OipServicer(registry, settings, registry.metrics)
+    servicer = OipServicer(protocol)
     return [add_service(server, service, servicer, settings.max_request_fields)]
 
 
@@ -248,7 +254,8 @@ async def create_server(
             *connection_options(settings),
         ],
     )
-    names = [name for add in services for name in add(grpc_server, registry, settings)]
+    protocol = InferenceProtocol(registry, settings, registry.metrics)
+    names = [name for add in services for name in add(grpc_server, registry, settings, protocol)]
     health_servicer = health.aio.HealthServicer()
     for name in ("", *names):
         await health_servicer.set(name, NOT_SERVING)

@@ -21,6 +21,7 @@ __all__ = [
     "ENV_PREFIX",
     "LOG_FORMATS",
     "QUEUE_DELAY_POLICIES",
+    "MODEL_CONTROL_MODES",
     "BatchingSettings",
     "ServerSettings",
     "usable_cores",
@@ -34,6 +35,14 @@ LOG_FORMATS = ("text", "json")
 # adaptive: spend the queue delay only while recent batches held several requests (a lone
 # caller never waits); always: every batch may wait the delay for company (Triton's rule).
 QUEUE_DELAY_POLICIES = ("adaptive", "always")
+# Triton's --model-control-mode: none: the models found at start, changed only by SIGHUP;
+# poll: also rescanned every reload_interval_s; explicit: loaded and unloaded by the
+# repository API (RepositoryModelLoad/Unload), the models named at start loaded first.
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+# What vae-serve (flags, VAESERVE_* variables) uses where the library default differs: the
+# REST port is off for ServerSettings built in code (tests bind port 0 many times over), on
+# at Triton's 8000 for the command.
+_COMMAND_DEFAULTS = {"http_port": 8000}
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,8 @@ class ServerSettings:
     repository: Path
     models: tuple[str, ...] = ()  # model names to serve; empty: every model in the repository
     host: str = "127.0.0.1"  # 0.0.0.0 in a container
-    port: int = 8001  # 0: any free port (tests)
+    port: int = 8001  # gRPC; 0: any free port (tests)
+    http_port: int | None = None  # REST (the protocol's HTTP/JSON transport); None: off, 0: any
     device: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # onnxruntime threads per run; 0: one per physical core
     inter_op_threads: int = 0  # 0: onnxruntime's default
@@ -94,6 +104,7 @@ class ServerSettings:
     tls_client_ca: Path | None = None  # PEM CA: clients must show a certificate it signed
     auth_token_file: Path | None = None  # every RPC but health needs "Bearer <its content>"
     reload_interval_s: float = 0.0  # rescan the repository this often; 0: on SIGHUP only
+    model_control_mode: str = "none"  # one of MODEL_CONTROL_MODES; reload_interval_s > 0: poll
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT); see server/workers.py
     # Bounds against hostile or runaway callers (server/limits.py, docs/reliability.md).
     max_small_request_bytes: int = 64 << 10  # requests of the methods that carry no tensors
@@ -115,6 +126,8 @@ class ServerSettings:
         object.__setattr__(self, "models", tuple(self.models))
         _check(self.device in DEVICES, "device", "one of " + ", ".join(DEVICES), self.device)
         _check(0 <= self.port <= 65535, "port", "0..65535", self.port)
+        if self.http_port is not None:
+            _check(0 <= self.http_port <= 65535, "http_port", "0..65535 or off", self.http_port)
         for name in ("intra_op_threads", "inter_op_threads"):
             _check(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
         for name in ("max_samples_per_request", "max_stream_samples", "max_stream_chunk_size",
@@ -141,6 +154,7 @@ class ServerSettings:
         _check(
             self.reload_interval_s >= 0, "reload_interval_s", "seconds >= 0", self.reload_interval_s
         )
+        self._check_model_control()
         _check(self.workers >= 1, "workers", "an integer >= 1", self.workers)
         for name in ("max_small_request_bytes", "max_request_fields", "max_inflight_calls",
                      "max_waiting_calls", "max_inflight_request_bytes", "max_pending_answer_bytes",
@@ -150,6 +164,21 @@ class ServerSettings:
             _check(getattr(self, name) > 0, name, "seconds > 0", getattr(self, name))
         for name in ("max_connection_age_s", "max_connection_age_grace_s"):
             _check(getattr(self, name) >= 0, name, "seconds >= 0", getattr(self, name))
+
+    def _check_model_control(self) -> None:
+        mode = self.model_control_mode
+        _check(mode in MODEL_CONTROL_MODES, "model_control_mode", " | ".join(MODEL_CONTROL_MODES),
+               mode)  # fmt: skip
+        if mode == "none" and self.reload_interval_s > 0:
+            # A polling interval given without a mode (what --reload-interval always meant).
+            object.__setattr__(self, "model_control_mode", "poll")
+        elif mode == "poll":
+            _check(self.reload_interval_s > 0, "reload_interval_s",
+                   "seconds > 0 with model_control_mode poll", self.reload_interval_s)  # fmt: skip
+        elif mode == "explicit":
+            _check(self.reload_interval_s == 0, "reload_interval_s",
+                   "0 with model_control_mode explicit (the API loads and unloads)",
+                   self.reload_interval_s)  # fmt: skip
 
     def limits(self) -> Limits:
         """The bounds a request must keep, as ``GetModelInfo`` reports them."""
@@ -222,11 +251,31 @@ def _models(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def port_or_off(text: str) -> int | None:
+    """A port number, or "off" (None): the value of --http-port."""
+    return None if text.strip().lower() == "off" else int(text)
+
+
 _FLAGS = (
-    _Flag("repository", Path, "model repository: <dir>/<name>/<version>/manifest.json"),
-    _Flag("models", _models, "comma-separated model names to serve; empty: all"),
+    _Flag(
+        "repository",
+        Path,
+        "model repository: <dir>/<name>/<version>/manifest.json",
+        aliases=("--model-repository",),
+    ),  # fmt: skip
+    _Flag(
+        "models",
+        _models,
+        "comma-separated model names to serve (explicit mode: to load at start); empty: all",
+        aliases=("--load-model",),
+    ),  # fmt: skip
     _Flag("host", str, "address to bind (0.0.0.0 in a container)"),
-    _Flag("port", int, "port to bind; 0 picks a free one"),
+    _Flag("port", int, "gRPC port to bind; 0 picks a free one", aliases=("--grpc-port",)),
+    _Flag(
+        "http_port",
+        port_or_off,
+        "REST port of the Open Inference Protocol (v2 HTTP/JSON); 0 picks a free one; off: none",
+    ),  # fmt: skip
     _Flag("device", str, "onnxruntime device: auto (CUDA if available), cpu or cuda"),
     _Flag("intra_op_threads", int, "onnxruntime threads within one run; 0: per core"),
     _Flag("inter_op_threads", int, "onnxruntime threads across graph nodes; 0: default"),
@@ -253,7 +302,13 @@ _FLAGS = (
         "reload_interval_s",
         float,
         "rescan the repository every S seconds (0: on SIGHUP only)",
-        aliases=("--reload-interval",),
+        aliases=("--reload-interval", "--repository-poll-secs"),
+    ),  # fmt: skip
+    _Flag(
+        "model_control_mode",
+        str,
+        "none: the models found at start (SIGHUP rescans); poll: also every reload interval; "
+        "explicit: loaded and unloaded through the repository API",
     ),  # fmt: skip
     _Flag("workers", int, "server processes sharing the port; >1: metrics on PORT+i each"),
     _Flag("max_small_request_bytes", int, "largest request of a method that carries no tensors"),
@@ -293,6 +348,7 @@ def _defaults() -> dict[str, Any]:
         if f.default is not dataclasses.MISSING:
             values[f.name] = f.default
     values.update(dataclasses.asdict(BatchingSettings()))
+    values.update(_COMMAND_DEFAULTS)
     return values
 
 
@@ -353,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = LOG_FORMATS
         if flag.name == "queue_delay_policy":
             kwargs["choices"] = QUEUE_DELAY_POLICIES
+        if flag.name == "model_control_mode":
+            kwargs["choices"] = MODEL_CONTROL_MODES
+        if flag.name == "http_port":
+            kwargs["metavar"] = "PORT|off"
         parser.add_argument(option, *flag.aliases, **kwargs)
     return parser
 

@@ -20,7 +20,7 @@ from vaeserve.proto.inference import grpc_service_pb2 as pb
 from vaeserve.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from vaeserve.proto.inference import model_config_pb2 as config_pb
 from vaeserve.server import oip_convert as convert
-from vaeserve.server.oip_servicer import split_name
+from vaeserve.server.inference_protocol import split_name
 
 SPECS = {"z": TensorSpec("float32", (-1, 2)), "y": TensorSpec("int64", (-1,))}
 OUT_SPECS = {
@@ -160,7 +160,7 @@ def test_split_name(name, expected):
 
 @pytest.mark.parametrize("name", ["digits", "digits-decoders", "-decoder", ""])
 def test_split_name_rejects_other_names(name):
-    with pytest.raises(ModelNotFound, match="NAME-encoder or NAME-decoder"):
+    with pytest.raises(ModelNotFound, match="expected NAME-encoder, NAME-decoder"):
         split_name(name)
 
 
@@ -323,7 +323,7 @@ def test_request_parameters_are_accepted_and_ignored(stub):
                      "4", grpc.StatusCode.NOT_FOUND, "no loaded version '4'", id="unknown-version"),
         pytest.param("nope-decoder", {}, "", grpc.StatusCode.NOT_FOUND, "not served",
                      id="unknown-model"),
-        pytest.param(CVAE, {}, "", grpc.StatusCode.NOT_FOUND, "NAME-encoder or NAME-decoder",
+        pytest.param(CVAE, {}, "", grpc.StatusCode.NOT_FOUND, "expected NAME-encoder, NAME-decoder",
                      id="no-graph-suffix"),
     ],
 )  # fmt: skip

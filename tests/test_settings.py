@@ -77,6 +77,8 @@ EVERY_FLAG = {
     "tls_client_ca": ("/etc/tls/ca.pem", Path("/etc/tls/ca.pem")),
     "auth_token_file": ("/run/secrets/token", Path("/run/secrets/token")),
     "reload_interval_s": ("30", 30.0),
+    "http_port": ("8080", 8080),
+    "model_control_mode": ("explicit", "explicit"),
     "workers": ("2", 2),
     "max_small_request_bytes": ("1024", 1024),
     "max_request_fields": ("100", 100),
@@ -177,3 +179,31 @@ def test_help_shows_every_default_and_its_variable():
         value = None if name == "repository" else _value(defaults, name)
         expected = "none" if value is None else "all" if value == () else str(value)
         assert shown == expected, f"--{flag}: help says {shown!r}, the default is {value!r}"
+
+
+def test_rest_port_is_tritons_8000_for_the_command_off_in_code_and_can_be_switched_off():
+    assert ServerSettings.from_args(["--repository", "r"], environ={}).http_port == 8000
+    assert ServerSettings(repository="r").http_port is None
+    off = ServerSettings.from_args(["--repository", "r", "--http-port", "off"], environ={})
+    assert off.http_port is None
+    with pytest.raises(ValueError, match="http_port: expected 0..65535 or off, got 70000"):
+        ServerSettings(repository="r", http_port=70000)
+
+
+def test_triton_flag_spellings_set_the_same_settings():
+    argv = ["--model-repository", "m", "--grpc-port", "9001", "--http-port", "9000",
+            "--load-model", "a,b", "--repository-poll-secs", "15"]  # fmt: skip
+    s = ServerSettings.from_args(argv, environ={})
+    assert (s.repository, s.port, s.http_port, s.models) == (Path("m"), 9001, 9000, ("a", "b"))
+    assert (s.reload_interval_s, s.model_control_mode) == (15.0, "poll")
+
+
+def test_model_control_modes_and_polling_must_agree():
+    assert ServerSettings(repository="r").model_control_mode == "none"
+    assert ServerSettings(repository="r", reload_interval_s=5).model_control_mode == "poll"
+    with pytest.raises(ValueError, match="reload_interval_s: expected seconds > 0 with model_"):
+        ServerSettings(repository="r", model_control_mode="poll")
+    with pytest.raises(ValueError, match="reload_interval_s: expected 0 with model_control_mod"):
+        ServerSettings(repository="r", model_control_mode="explicit", reload_interval_s=5)
+    with pytest.raises(ValueError, match="model_control_mode: expected none | poll | explicit"):
+        ServerSettings(repository="r", model_control_mode="auto")

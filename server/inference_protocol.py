@@ -1,0 +1,240 @@
+"""The Open Inference Protocol (KServe v2) over the registry, for every transport.
+
+``InferenceProtocol`` answers the protocol's requests as protobuf messages of
+``inference.GRPCInferenceService`` and raises ``vaeserve.errors`` for what it refuses; the
+gRPC servicer (server/oip_servicer.py) and the REST front end (server/rest.py) only translate
+their wire formats and map errors to their status codes. So both transports resolve names,
+check tensors and word their errors in one place.
+
+Each model version is served as one protocol model per kind (server/protocol_models.py):
+``NAME-encoder``, ``NAME-decoder`` and ``NAME-scorer``. Inference goes through the same
+batchers as the typed API. Also answers Triton's ``ModelConfig`` (its tools call it before
+inferring) and ``ModelStatistics``, read from the server's metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+
+from vaeserve.errors import InvalidRequest, ModelNotFound, NotServing
+from vaeserve.manifest import TensorSpec
+from vaeserve.proto.inference import grpc_service_pb2 as pb
+from vaeserve.proto.inference import model_config_pb2 as config_pb
+from vaeserve.server import oip_convert as convert
+from vaeserve.server.metrics import GraphKey, ServerMetrics
+from vaeserve.server.protocol_models import (
+    Answer,
+    GraphKind,
+    ProtocolModelKind,
+    ScorerKind,
+)
+from vaeserve.server.repository import LoadedModel, ModelRegistry
+from vaeserve.server.settings import ServerSettings
+
+__all__ = ["KINDS", "GRAPHS", "EXTENSIONS", "Inference", "InferenceProtocol", "split_name"]
+
+KINDS: dict[str, ProtocolModelKind] = {
+    kind.suffix: kind for kind in (GraphKind("encoder"), GraphKind("decoder"), ScorerKind())
+}
+# The protocol models' suffixes (app.py labels metrics by them).
+GRAPHS = tuple(KINDS)
+EXTENSIONS = ("model_configuration", "statistics")
+_TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
+
+
+@dataclass(frozen=True)
+class _Served:
+    """One protocol model of a loaded version."""
+
+    model: LoadedModel
+    kind: ProtocolModelKind
+
+    @property
+    def key(self) -> GraphKey:
+        return GraphKey(self.model.manifest.name, self.model.manifest.version, self.kind.suffix)
+
+
+@dataclass(frozen=True)
+class Inference:
+    """A ModelInfer answer before encoding: the response header, outputs and their specs."""
+
+    response: pb.ModelInferResponse  # names, version, id and parameters; no outputs yet
+    arrays: dict[str, object]  # output name -> numpy array, in answer order
+    specs: dict[str, TensorSpec]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"digits-decoder"`` -> ``("digits", "decoder")``.
+
+    Raises:
+        ModelNotFound: the name does not end in one of the kinds' suffixes.
+    """
+    model, _, kind = name.rpartition("-")
+    if not model or kind not in KINDS:
+        *most, last = [f"NAME-{suffix}" for suffix in KINDS]
+        expected = f"{', '.join(most)} or {last}"
+        raise ModelNotFound(f"model name {name!r} is not served here: expected {expected}")
+    return model, kind
+
+
+def _version(text: str) -> int:
+    if text == "":
+        return 0
+    # isascii: str.isdigit() also accepts digits int() cannot parse, such as "²".
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise InvalidRequest(f"model version {text!r} is invalid, expected '1', '2', ... or ''")
+    return int(text)
+
+
+def _tensors(specs: dict[str, TensorSpec]) -> list[_TensorMetadata]:
+    return [
+        _TensorMetadata(name=n, datatype=convert.DATATYPES[s.dtype], shape=s.shape)
+        for n, s in specs.items()
+    ]
+
+
+class InferenceProtocol:
+    """Serves every model of ``registry`` as one protocol model per kind."""
+
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings, metrics: ServerMetrics):
+        self.registry = registry
+        self._settings = settings
+        self._metrics = metrics
+        try:
+            self.server_version = metadata.version("vaeserve")
+        except metadata.PackageNotFoundError:
+            self.server_version = "0+unknown"
+
+    def _served(self, name: str, version: str) -> _Served:
+        model, kind = split_name(name)
+        number = _version(version)
+        try:
+            return _Served(self.registry.get(model, number), KINDS[kind])
+        except ModelNotFound:
+            # The registry speaks of the typed API's fields; say it in protocol names.
+            loaded = self.registry.versions(model)
+            if loaded:
+                raise ModelNotFound(
+                    f"model {name!r} has no loaded version {version!r}; loaded versions: "
+                    f"{[str(v) for v in loaded]}"
+                ) from None
+            served = [f"{m}-{k}" for m in self._model_names() for k in KINDS]
+            raise ModelNotFound(
+                f"model {name!r} is not served here; served models: {served}"
+            ) from None
+
+    def _model_names(self) -> list[str]:
+        return sorted({m.manifest.name for m in self.registry.models()})
+
+    def server_ready(self) -> bool:
+        return self.registry.ready
+
+    def model_ready(self, name: str, version: str) -> bool:
+        """Whether the protocol model can answer now; a malformed version is an error."""
+        try:
+            self._served(name, version)
+        except (ModelNotFound, NotServing):
+            return False
+        return True
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="vaeserve", version=self.server_version, extensions=EXTENSIONS
+        )
+
+    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        served = self._served(name, version)
+        return pb.ModelMetadataResponse(
+            name=name,
+            versions=[str(v) for v in self.registry.versions(served.key.model)],
+            platform=served.kind.platform,
+            inputs=_tensors(served.kind.inputs(served.model)),
+            outputs=_tensors(served.kind.outputs(served.model)),
+        )
+
+    def model_config(self, name: str, version: str) -> config_pb.ModelConfig:
+        served = self._served(name, version)
+        kind, model = served.kind, served.model
+        batching = self._settings.batching
+        # Triton's max_batch_size bounds the batch axis of one request: ours is the request
+        # row limit. Larger runs are never formed; the batcher merges and splits up to
+        # batching.max_batch_size rows per run.
+        limit = min(self._settings.max_samples_per_request, 2**31 - 1)
+        group = config_pb.ModelInstanceGroup
+        instance_kind = group.KIND_GPU if model.provider.startswith("CUDA") else group.KIND_CPU
+        types = convert.CONFIG_TYPES
+        return config_pb.ModelConfig(
+            name=name,
+            platform=kind.platform,
+            backend=kind.backend,
+            max_batch_size=limit,
+            input=[
+                config_pb.ModelInput(name=n, data_type=types[s.dtype], dims=s.shape[1:])
+                for n, s in kind.inputs(model).items()
+            ],
+            output=[
+                config_pb.ModelOutput(name=n, data_type=types[s.dtype], dims=s.shape[1:])
+                for n, s in kind.outputs(model).items()
+            ],
+            dynamic_batching=config_pb.ModelDynamicBatching(
+                preferred_batch_size=[min(batching.max_batch_size, limit)],
+                max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000),
+            ),
+            instance_group=[group(kind=instance_kind, count=kind.batcher(model).instances)],
+        )
+
+    async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> Inference:
+        """Answer one ModelInfer request (the outputs still arrays, for the transport).
+
+        Args:
+            deadline: on time.monotonic's clock; None: none.
+        """
+        served = self._served(request.model_name, request.model_version)
+        # use(): shutdown and unloading wait for this call to finish on this version.
+        with self.registry.use(served.key.model, served.key.version):
+            answer: Answer = await served.kind.infer(
+                served.model, request, self._settings, deadline
+            )
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=str(served.key.version), id=request.id
+        )
+        for name, value in answer.parameters.items():
+            response.parameters[name].uint64_param = value
+        specs = served.kind.outputs(served.model)
+        return Inference(response, dict(answer.arrays), {n: specs[n] for n in answer.arrays})
+
+    def statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+        return pb.ModelStatisticsResponse(
+            model_stats=[self._statistics(s) for s in self._all_served(name, version)]
+        )
+
+    def _all_served(self, name: str, version: str) -> list[_Served]:
+        """Protocol models a statistics request covers: one, every version of one, or all."""
+        if not name:
+            return [_Served(m, k) for m in self.registry.models() for k in KINDS.values()]
+        if version or not self.registry.versions(split_name(name)[0]):
+            return [self._served(name, version)]  # one version, or NOT_FOUND naming the model
+        model, kind = split_name(name)
+        return [
+            _Served(self.registry.get(model, v), KINDS[kind]) for v in self.registry.versions(model)
+        ]
+
+    def _statistics(self, served: _Served) -> pb.ModelStatistics:
+        s = self._metrics.graph_statistics(served.key)
+        compute = pb.StatisticDuration(count=s.compute_count, ns=s.compute_ns)
+        return pb.ModelStatistics(
+            name=f"{served.key.model}-{served.kind.suffix}",
+            version=str(served.key.version),
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=pb.StatisticDuration(count=s.success_count, ns=s.success_ns),
+                fail=pb.StatisticDuration(count=s.fail_count, ns=s.fail_ns),
+                queue=pb.StatisticDuration(count=s.queue_count, ns=s.queue_ns),
+                compute_input=pb.StatisticDuration(count=s.compute_count),
+                compute_infer=compute,
+                compute_output=pb.StatisticDuration(count=s.compute_count),
+            ),
+        )
