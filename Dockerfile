@@ -56,10 +56,11 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
 ENV VAESERVE_REPOSITORY=/models \
     VAESERVE_HOST=0.0.0.0 \
     VAESERVE_PORT=8001 \
+    VAESERVE_HTTP_PORT=8000 \
     VAESERVE_METRICS_PORT=8002
 USER vaeserve
 WORKDIR /home/vaeserve
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # vae-healthcheck probes 127.0.0.1:$VAESERVE_PORT, so a moved port needs no new HEALTHCHECK.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["vae-healthcheck", "--timeout", "3"]
@@ -90,10 +91,11 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
 ENV VAESERVE_REPOSITORY=/models \
     VAESERVE_HOST=0.0.0.0 \
     VAESERVE_PORT=8001 \
+    VAESERVE_HTTP_PORT=8000 \
     VAESERVE_METRICS_PORT=8002
 USER vaeserve
 WORKDIR /home/vaeserve
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["vae-healthcheck", "--timeout", "3"]
 # --device cuda as a flag, not VAESERVE_DEVICE: a flag wins over the environment, so a container

@@ -218,7 +218,8 @@ def test_server_serves_the_volume_read_only_with_health_ports_and_limits(
     assert _image_stage(server) == stage
     env = {**dockerfile.stages[stage].env, **(server.get("environment") or {})}
     assert _Mount("models", env["VAESERVE_REPOSITORY"], True) in _mounts(server)
-    assert _container_ports(server) == {GRPC_PORT, METRICS_PORT}
+    http_port = int(env["VAESERVE_HTTP_PORT"])
+    assert _container_ports(server) == {GRPC_PORT, http_port, METRICS_PORT}
     assert int(env["VAESERVE_PORT"]) == GRPC_PORT
     assert server["healthcheck"]["test"][1] == "vae-healthcheck"
     assert server["restart"] in {"always", "unless-stopped", "on-failure"}
@@ -480,7 +481,7 @@ def test_deploy_yaml_parses() -> None:
         ("Service", "vaeserve"),
         ("Service", "vaeserve-headless"),
         ("ServingRuntime", "vaeserve"),
-        ("InferenceService", "vaeserve-digits"),
+        ("InferenceService", "digits"),
     }
 
 
@@ -510,7 +511,7 @@ def test_health_checks_ask_the_server_port_about_services_it_reports() -> None:
     # tests/test_serve_install.py asks a running server about each of these.
     reported = {"", SERVICE_NAME}
     checks = deploy_health_checks()
-    assert len(checks) >= 6
+    assert len(checks) >= 4  # the Deployment's three probes and Envoy's check
     for where, port, service in checks:
         assert port == GRPC_PORT, f"{where}: port {port}"
         assert service in reported, f"{where}: the server reports no health for {service!r}"
@@ -529,7 +530,8 @@ def test_k8s_deployment_probes_the_grpc_health_service_on_the_server_port() -> N
     env = {e["name"]: e["value"] for e in container["env"]}
     assert int(env["VAESERVE_PORT"]) == GRPC_PORT
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    http_port = int(env["VAESERVE_HTTP_PORT"])
+    assert ports == {"grpc": GRPC_PORT, "http": http_port, "metrics": METRICS_PORT}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == GRPC_PORT, probe
     mount = next(
@@ -637,10 +639,18 @@ def test_kserve_runtime_args_parse_as_vae_serve_flags() -> None:
     container = _container(docs[("ServingRuntime", "vaeserve")][1])
     settings = ServerSettings.from_args(container["args"], environ={})
     assert settings.repository == Path("/mnt/models")  # where KServe puts storageUri
-    (port,) = container["ports"]
-    assert (port["name"], port["containerPort"]) == ("h2c", settings.port)
-    assert container["readinessProbe"]["grpc"]["port"] == settings.port
+    assert settings.models == ("{{.Name}}",)  # KServe's template: the InferenceService's name
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    # KServe routes the port named h2c as gRPC, the other as HTTP/1.1.
+    assert ports == {"http1": settings.http_port, "h2c": settings.port}
+    for probe in ("readinessProbe", "livenessProbe"):
+        check = container[probe]["httpGet"]
+        assert check["port"] == settings.http_port, probe
+        assert check["path"] in {"/v2/health/ready", "/v2/health/live"}, probe
     runtime = docs[("ServingRuntime", "vaeserve")][1]["spec"]
-    isvc = docs[("InferenceService", "vaeserve-digits")][1]["spec"]["predictor"]["model"]
+    assert set(runtime["protocolVersions"]) == {"v2", "grpc-v2"}
+    isvc = docs[("InferenceService", "digits")][1]["spec"]["predictor"]["model"]
     assert isvc["runtime"] == "vaeserve" and isvc["protocolVersion"] in runtime["protocolVersions"]
     assert isvc["modelFormat"]["name"] in {f["name"] for f in runtime["supportedModelFormats"]}
+    # The model served is the InferenceService's name: a folder of the repository it mounts.
+    assert isvc["storageUri"] == "pvc://vaeserve-models"
