@@ -16,8 +16,10 @@ __all__ = [
     "UsageError",
     "check_args",
     "check_finalize_args",
+    "check_server",
     "parse_args",
     "parse_model",
+    "SERVER_HELP",
 ]
 
 MAX_SEED = 2**64 - 1
@@ -25,6 +27,12 @@ TOKEN_ENV = "VAESERVE_TOKEN"
 INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by a Kubernetes Indexed Job: 0..completions-1
 # What --finalize reads from the folder instead of the command line.
 _FINALIZE_FLAGS = ("out", "finalize", "log_level", "no_progress")
+
+
+SERVER_HELP = (
+    "host:port of vae-serve; several, comma-separated (round robin); or one gRPC target such "
+    "as dns:///NAME:PORT, whose every address gets calls in turn (a headless Service)"
+)
 
 
 class UsageError(Exception):
@@ -45,7 +53,7 @@ def _parser(required: bool) -> argparse.ArgumentParser:
         "own shards into the same --out: see docs/generate.md.",
     )
     where = p.add_mutually_exclusive_group(required=required)
-    where.add_argument("--server", help="host:port of vae-serve; several, comma-separated")
+    where.add_argument("--server", help=SERVER_HELP)
     where.add_argument("--local", metavar="REPO", help="run in-process on this model repository")
     p.add_argument("--model", required=required, help="NAME or NAME:VERSION (default: highest)")
     p.add_argument("--num", type=int, required=required, help="number of samples")
@@ -113,9 +121,22 @@ def parse_model(text: str) -> tuple[str, int]:
     return name, int(version_text or 0)
 
 
+def check_server(server: str | None) -> None:
+    """``--server`` as VaeClient's addresses would take it (unset: --local is used)."""
+    if server is None:
+        return
+    from vaeserve.client.channels import targets  # imports grpc: only when a server is named
+
+    try:
+        targets(server)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc).replace("addresses:", "--server:", 1)) from None
+
+
 def check_args(args: argparse.Namespace) -> tuple[str, int]:
     """Checks that need no model; returns (model name, version or 0)."""
     name, version = parse_model(args.model)
+    check_server(args.server)
     positive = {
         "--num": args.num,
         "--shard-size": args.shard_size,

@@ -8,17 +8,27 @@ with VaeClient("localhost:8500") as client:
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
+from vaeserve.client.channels import ClientBase
 from vaeserve.client.interpolation import InterpolationResult, interpolate
-from vaeserve.client.requests import choice, label_list, remaining, sample_request
+from vaeserve.client.requests import (
+    Call,
+    StreamResume,
+    decode_call,
+    encode_call,
+    list_models_call,
+    model_info_call,
+    reconstruct_call,
+    sample_call,
+    sample_request,
+    score_call,
+)
 from vaeserve.client.results import (
     DecodeResult,
     EncodeResult,
@@ -26,28 +36,19 @@ from vaeserve.client.results import (
     SampleResult,
     ScoreResult,
 )
-from vaeserve.client.retry import Retrier, RetryPolicy, call_with_retry
-from vaeserve.client.tensors import ENCODINGS, OUTPUTS, AnswerStub, Outgoing
-from vaeserve.errors import ServerError
+from vaeserve.client.retry import Retrier, call_with_retry
+from vaeserve.client.tensors import AnswerStub
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
+
+T = TypeVar("T")
 
 __all__ = ["VaeClient", "AnswerStub"]
 
 log = logging.getLogger(__name__)
 
-# The channel's own reconnect backoff grows to 120 s by default: after a server restart the
-# channel could sit out our whole retry budget before it tries to connect again.
-_CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", -1),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
 
-
-class VaeClient:
-    """A client of one or more vaeserve servers (client-side round robin, one channel each).
+class VaeClient(ClientBase):
+    """A client of one or more vaeserve servers: blocking calls (``AsyncVaeClient``: asyncio).
 
     Calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are retried, on the next address,
     with backoff and jitter until ``retry`` runs out; every other error is raised at once. Errors
@@ -57,8 +58,14 @@ class VaeClient:
     off resumes where it stopped: by the sampling contract the continuation holds the same
     samples the broken stream would have.
 
+    Calls to several "host:port" addresses go round robin, one channel each; a gRPC target
+    such as "dns:///name:port" (one DNS name for several servers: a headless Kubernetes
+    Service) is one channel on which gRPC spreads calls over every resolved address with its
+    round_robin policy and follows the addresses as they change (``vaeserve.client.channels``).
+
     Args:
-        addresses: "host:port", a comma-separated list of them, or a sequence.
+        addresses: "host:port", a comma-separated list of them, or a sequence; or one gRPC
+            target: "dns:///name:port", "ipv4:a:port,b:port", "ipv6:...", "unix:path".
         tls: use TLS (with the system's roots unless ``root_certificates`` is given).
         root_certificates / private_key / certificate_chain: PEM bytes for TLS (the latter two
             for client authentication).
@@ -66,42 +73,13 @@ class VaeClient:
         timeout_s: default deadline of each attempt, in seconds (None: no deadline).
         retry: the retry policy.
         options: extra gRPC channel options.
+
+    Raises (on construction):
+        TypeError / ValueError: ``addresses`` in none of these forms (the message says which
+            item, and what is expected).
     """
 
-    def __init__(
-        self,
-        addresses: str | Sequence[str],
-        *,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        token: str | None = None,
-        timeout_s: float | None = 30.0,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ):
-        if isinstance(addresses, str):
-            addresses = [a.strip() for a in addresses.split(",")]
-        self.addresses = [a for a in addresses if a]
-        if not self.addresses:
-            raise ValueError("addresses: expected at least one host:port")
-        channel_options = [*_CHANNEL_OPTIONS, *options]
-        if tls or root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            self._channels = [
-                grpc.secure_channel(a, creds, options=channel_options) for a in self.addresses
-            ]
-        else:
-            self._channels = [
-                grpc.insecure_channel(a, options=channel_options) for a in self.addresses
-            ]
-        self._stubs = [AnswerStub(c) for c in self._channels]
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self.timeout_s = timeout_s
-        self.retry = retry or RetryPolicy()
-        self._turn = itertools.count()
-        self._lock = threading.Lock()
+    _api = grpc
 
     def close(self) -> None:
         for channel in self._channels:
@@ -113,21 +91,17 @@ class VaeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _next_stub(self) -> AnswerStub:
-        with self._lock:
-            return self._stubs[next(self._turn) % len(self._stubs)]
+    def _call(self, call: Call[T], timeout_s: float | None) -> T:
+        def attempt(deadline: float) -> object:
+            rpc = getattr(self._next_stub(), call.method)
+            return rpc(call.request, timeout=deadline, metadata=self._metadata)
 
-    def _unary(self, method: str, request: Any, timeout_s: float | None) -> Any:
-        def attempt(deadline: float) -> Any:
-            rpc = getattr(self._next_stub(), method)
-            return rpc(request, timeout=deadline, metadata=self._metadata)
-
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        return call_with_retry(attempt, self.retry, timeout, what=method)
+        answer = call_with_retry(attempt, self.retry, self._timeout(timeout_s), what=call.method)
+        return call.result(answer)
 
     def list_models(self, timeout_s: float | None = None) -> list[pb.ModelVersionStatus]:
         """Every model version the server knows, with its load state."""
-        return list(self._unary("ListModels", pb.ListModelsRequest(), timeout_s).models)
+        return self._call(list_models_call(), timeout_s)
 
     def model_info(self, model: str, version: int = 0, timeout_s: float | None = None) -> ModelInfo:
         """The manifest of ``model`` (version 0: the highest loaded) and the server's limits.
@@ -135,8 +109,7 @@ class VaeClient:
         Raises:
             ModelNotFound: an unknown model or version.
         """
-        request = pb.GetModelInfoRequest(model=pb.ModelRef(name=model, version=version))
-        return ModelInfo.from_proto(self._unary("GetModelInfo", request, timeout_s))
+        return self._call(model_info_call(model, version), timeout_s)
 
     def sample(
         self,
@@ -188,7 +161,7 @@ class VaeClient:
             return_latents=return_latents,
             start_index=start_index,
         )
-        return SampleResult.from_answer(self._unary("Sample", request, timeout_s))
+        return self._call(sample_call(request), timeout_s)
 
     def sample_stream(
         self,
@@ -229,22 +202,18 @@ class VaeClient:
             return_latents=return_latents,
             start_index=start_index,
         )
-        received = 0
+        stream = StreamResume(request, chunk_size)
         retrier = Retrier(self.retry, "SampleStream")
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        while received < num_samples:
+        timeout = self._timeout(timeout_s)
+        while not stream.done:
             call = self._next_stub().SampleStream(
-                pb.SampleStreamRequest(request=remaining(request, received), chunk_size=chunk_size),
+                stream.next_request(),
                 timeout=retrier.attempt_timeout(timeout),
                 metadata=self._metadata,
             )
             try:
                 for answer in call:
-                    chunk = SampleResult.from_answer(answer)
-                    # Pinned so that a resumed stream continues the same sequence and model.
-                    request.seed = chunk.seed
-                    request.model.version = chunk.model_version
-                    received += len(chunk.samples)
+                    chunk = stream.take(answer)
                     retrier.progress()
                     yield chunk
             except grpc.RpcError as exc:
@@ -252,8 +221,7 @@ class VaeClient:
                 continue
             finally:
                 call.cancel()
-            if received < num_samples:
-                raise ServerError(f"SampleStream ended after {received} of {num_samples} samples")
+            stream.check_ended()
 
     def encode(
         self,
@@ -267,24 +235,8 @@ class VaeClient:
         timeout_s: float | None = None,
     ) -> EncodeResult:
         """x (n, *sample_shape) → mu, logvar (n, latent_dim) of q(z|x[,y]), and draws of z."""
-        request = Outgoing(
-            pb.EncodeRequest(
-                model=pb.ModelRef(name=model, version=version),
-                labels=label_list(labels),
-                num_draws=num_draws,
-                seed=seed,
-            ),
-            {"x": x},
-        )
-        answer = self._unary("Encode", request, timeout_s)
-        return EncodeResult(
-            model_name=answer.message.model_name,
-            model_version=answer.message.model_version,
-            mu=answer.tensor("mu"),
-            logvar=answer.tensor("logvar"),
-            z=answer.optional_tensor("z"),
-            seed=answer.message.seed,
-        )
+        call = encode_call(model, x, version=version, labels=labels, num_draws=num_draws, seed=seed)
+        return self._call(call, timeout_s)
 
     def decode(
         self,
@@ -299,23 +251,10 @@ class VaeClient:
         timeout_s: float | None = None,
     ) -> DecodeResult:
         """z (n, latent_dim) → x (n, *sample_shape): the mean, or a draw from p(x|z[,y])."""
-        request = Outgoing(
-            pb.DecodeRequest(
-                model=pb.ModelRef(name=model, version=version),
-                labels=label_list(labels),
-                output=choice("output", output, OUTPUTS),
-                seed=seed,
-                encoding=choice("encoding", encoding, ENCODINGS),
-            ),
-            {"z": np.asarray(z, dtype=np.float32)},
+        call = decode_call(
+            model, z, version=version, labels=labels, output=output, seed=seed, encoding=encoding
         )
-        answer = self._unary("Decode", request, timeout_s)
-        return DecodeResult(
-            model_name=answer.message.model_name,
-            model_version=answer.message.model_version,
-            x=answer.tensor("x"),
-            seed=answer.message.seed,
-        )
+        return self._call(call, timeout_s)
 
     def reconstruct(
         self,
@@ -328,15 +267,8 @@ class VaeClient:
         timeout_s: float | None = None,
     ) -> np.ndarray:
         """x → decode(mu(x)), (n, *sample_shape)."""
-        request = Outgoing(
-            pb.ReconstructRequest(
-                model=pb.ModelRef(name=model, version=version),
-                labels=label_list(labels),
-                encoding=choice("encoding", encoding, ENCODINGS),
-            ),
-            {"x": x},
-        )
-        return self._unary("Reconstruct", request, timeout_s).tensor("x")
+        call = reconstruct_call(model, x, version=version, labels=labels, encoding=encoding)
+        return self._call(call, timeout_s)
 
     def interpolate(
         self,
@@ -381,24 +313,7 @@ class VaeClient:
             seed: None: the server picks one and returns it in the result.
             start_index: index of the first input in the seed's scoring sequence.
         """
-        request = Outgoing(
-            pb.ScoreRequest(
-                model=pb.ModelRef(name=model, version=version),
-                labels=label_list(labels),
-                k=k,
-                seed=seed,
-                start_index=start_index,
-            ),
-            {"x": x},
+        call = score_call(
+            model, x, version=version, labels=labels, k=k, seed=seed, start_index=start_index
         )
-        resp = self._unary("Score", request, timeout_s).message
-        return ScoreResult(
-            model_name=resp.model_name,
-            model_version=resp.model_version,
-            seed=resp.seed,
-            k=resp.k,
-            elbo=np.array(resp.elbo, dtype=np.float64),
-            log_px=np.array(resp.log_px, dtype=np.float64),
-            log_likelihood=np.array(resp.log_likelihood, dtype=np.float64),
-            kl=np.array(resp.kl, dtype=np.float64),
-        )
+        return self._call(call, timeout_s)

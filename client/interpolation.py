@@ -1,4 +1,5 @@
-"""Latent paths for ``VaeClient.interpolate``: pure numpy, no torch, no gRPC.
+"""Latent paths for ``VaeClient.interpolate`` (and ``AsyncVaeClient``'s): pure numpy, no torch,
+no gRPC; the calls go through whichever client is given.
 
 Two paths from latent vector ``a`` to ``b``, evaluated at ``steps`` evenly spaced
 t = 0, 1/(steps-1), ..., 1 (both ends included, exactly ``a`` and ``b``):
@@ -13,7 +14,7 @@ t = 0, 1/(steps-1), ..., 1 (both ends included, exactly ``a`` and ``b``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ __all__ = [
     "InterpolationResult",
     "check_steps",
     "interpolate",
+    "interpolate_async",
+    "interpolation_flow",
     "interpolation_label",
     "one_input",
     "interpolation_times",
@@ -147,10 +150,60 @@ def interpolate(
             names the argument).
         VaeServeError: as ``encode`` and ``decode``.
     """
+    flow = interpolation_flow(model, x_a, x_b, steps, labels=labels, path=path, version=version)
+    answer = None
+    while True:
+        try:
+            method, kwargs = flow.send(answer)
+        except StopIteration as done:
+            return done.value
+        answer = getattr(client, method)(**kwargs, timeout_s=timeout_s)
+
+
+async def interpolate_async(
+    client: Any,  # an AsyncVaeClient
+    model: str,
+    x_a: np.ndarray,
+    x_b: np.ndarray,
+    steps: int,
+    *,
+    labels: int | Sequence[int] | np.ndarray | None = None,
+    path: str = "linear",
+    version: int = 0,
+    timeout_s: float | None = None,
+) -> InterpolationResult:
+    """``interpolate`` with an ``AsyncVaeClient``, whose calls are awaited."""
+    flow = interpolation_flow(model, x_a, x_b, steps, labels=labels, path=path, version=version)
+    answer = None
+    while True:
+        try:
+            method, kwargs = flow.send(answer)
+        except StopIteration as done:
+            return done.value
+        answer = await getattr(client, method)(**kwargs, timeout_s=timeout_s)
+
+
+# A client method's name and its arguments, for the caller to call and send back the result.
+ClientCall = tuple[str, dict[str, Any]]
+
+
+def interpolation_flow(
+    model: str,
+    x_a: np.ndarray,
+    x_b: np.ndarray,
+    steps: int,
+    *,
+    labels: int | Sequence[int] | np.ndarray | None,
+    path: str,
+    version: int,
+) -> Generator[ClientCall, Any, InterpolationResult]:
+    """The steps of ``interpolate`` with no I/O: yields each client call it needs and is
+    sent its result, so that the blocking and the asyncio client share every rule; returns
+    the result. The arguments and errors are ``interpolate``'s."""
     steps = check_steps(steps)
     if path not in PATHS:
         raise ValueError(f"path: expected one of {', '.join(PATHS)}, got {path!r}")
-    info = client.model_info(model, version, timeout_s=timeout_s)
+    info = yield "model_info", {"model": model, "version": version}
     label = interpolation_label(labels, info.kind, info.num_classes)
     x = np.concatenate(
         [
@@ -159,7 +212,7 @@ def interpolate(
         ]
     )
     ends_labels = None if label is None else [label, label]
-    enc = client.encode(model, x, version=info.version, labels=ends_labels, timeout_s=timeout_s)
+    enc = yield "encode", {"model": model, "x": x, "version": info.version, "labels": ends_labels}
     latents = latent_path(enc.mu[0], enc.mu[1], steps, path).astype(np.float32)
     latents[0], latents[-1] = enc.mu[0], enc.mu[1]
     chunk = info.max_samples_per_request or steps
@@ -167,7 +220,8 @@ def interpolate(
     for start in range(0, steps, chunk):
         z = latents[start : start + chunk]
         path_labels = None if label is None else [label] * len(z)
-        dec = client.decode(model, z, version=info.version, labels=path_labels, timeout_s=timeout_s)
+        call = {"model": model, "z": z, "version": info.version, "labels": path_labels}
+        dec = yield "decode", call
         images.append(dec.x)
     return InterpolationResult(
         model_name=enc.model_name,

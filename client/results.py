@@ -1,4 +1,5 @@
-"""What VaeClient returns: the server's answers as frozen dataclasses holding numpy arrays."""
+"""What VaeClient and AsyncVaeClient return: the server's answers as frozen dataclasses
+holding numpy arrays, each built from its answer by ``from_answer``."""
 
 from __future__ import annotations
 
@@ -47,6 +48,17 @@ class EncodeResult:
     z: np.ndarray | None  # (n, num_draws, latent_dim) float32 when num_draws > 0
     seed: int
 
+    @classmethod
+    def from_answer(cls, answer: Answer) -> EncodeResult:
+        return cls(
+            model_name=answer.message.model_name,
+            model_version=answer.message.model_version,
+            mu=answer.tensor("mu"),
+            logvar=answer.tensor("logvar"),
+            z=answer.optional_tensor("z"),
+            seed=answer.message.seed,
+        )
+
 
 @dataclass(frozen=True)
 class DecodeResult:
@@ -54,6 +66,15 @@ class DecodeResult:
     model_version: int
     x: np.ndarray  # (n, *sample_shape)
     seed: int
+
+    @classmethod
+    def from_answer(cls, answer: Answer) -> DecodeResult:
+        return cls(
+            model_name=answer.message.model_name,
+            model_version=answer.message.model_version,
+            x=answer.tensor("x"),
+            seed=answer.message.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,3 +89,17 @@ class ScoreResult:
     log_px: np.ndarray  # the k-sample importance-weighted bound on log p(x)
     log_likelihood: np.ndarray  # mean over the k draws of log p(x|z)
     kl: np.ndarray  # KL(q(z|x) || p(z[|y])), closed form
+
+    @classmethod
+    def from_answer(cls, answer: Answer) -> ScoreResult:
+        resp = answer.message  # no tensors: the scores are repeated doubles
+        return cls(
+            model_name=resp.model_name,
+            model_version=resp.model_version,
+            seed=resp.seed,
+            k=resp.k,
+            elbo=np.array(resp.elbo, dtype=np.float64),
+            log_px=np.array(resp.log_px, dtype=np.float64),
+            log_likelihood=np.array(resp.log_likelihood, dtype=np.float64),
+            kl=np.array(resp.kl, dtype=np.float64),
+        )

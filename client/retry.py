@@ -4,14 +4,19 @@ Every other status fails fast: INVALID_ARGUMENT or NOT_FOUND will not change by 
 DEADLINE_EXCEEDED means the caller's own budget is spent. A call that fails for good raises
 the ``vaeserve.errors`` class of its status (``typed_error``), carrying the gRPC status code
 and the server's message.
+
+The rules are written once: ``Retrier`` decides whether and how long to wait, and only the
+sleep differs between the blocking client (``call_with_retry``, ``Retrier.wait_or_raise``) and
+the asyncio one (``call_with_retry_async``, ``Retrier.wait_or_raise_async``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -24,6 +29,7 @@ __all__ = [
     "RetryPolicy",
     "Retrier",
     "call_with_retry",
+    "call_with_retry_async",
     "is_retryable",
     "typed_error",
 ]
@@ -102,8 +108,9 @@ class Retrier:
         left = max(self._give_up_at - time.monotonic(), 0.001)
         return left if timeout_s is None else min(timeout_s, left)
 
-    def wait_or_raise(self, exc: grpc.RpcError) -> None:
-        """Sleep before the next attempt, or raise ``exc``'s typed error when it is final.
+    def backoff_or_raise(self, exc: grpc.RpcError) -> float:
+        """The wait before the next attempt (counted as a retry), or ``exc``'s typed error
+        when it is final. Sleeping is the caller's: ``time.sleep`` or ``asyncio.sleep``.
 
         Raises:
             VaeServeError: the class of ``exc``'s status, when it is not retryable or the
@@ -115,16 +122,24 @@ class Retrier:
         wait = self.policy.backoff_s(self._retry)
         if time.monotonic() + wait >= self._give_up_at:
             raise typed_error(exc) from exc
+        self._retry += 1
         log.warning(
             "%s failed with %s (%s); retry %d in %.2fs",
             self.what,
             exc.code().name,
             exc.details(),
-            self._retry + 1,
+            self._retry,
             wait,
         )
-        time.sleep(wait)
-        self._retry += 1
+        return wait
+
+    def wait_or_raise(self, exc: grpc.RpcError) -> None:
+        """Sleep before the next attempt, or raise as ``backoff_or_raise``."""
+        time.sleep(self.backoff_or_raise(exc))
+
+    async def wait_or_raise_async(self, exc: grpc.RpcError) -> None:
+        """``wait_or_raise`` for asyncio: the event loop runs on while it waits."""
+        await asyncio.sleep(self.backoff_or_raise(exc))
 
 
 def call_with_retry(
@@ -153,3 +168,19 @@ def call_with_retry(
             return attempt(retrier.attempt_timeout(timeout_s))
         except grpc.RpcError as exc:
             retrier.wait_or_raise(exc)
+
+
+async def call_with_retry_async(
+    attempt: Callable[[float], Awaitable[T]],
+    policy: RetryPolicy,
+    timeout_s: float | None,
+    what: str = "call",
+) -> T:
+    """``call_with_retry`` for asyncio: ``attempt(timeout)`` is awaited, waits are
+    ``asyncio.sleep``. Cancelling the task cancels the attempt or the wait under way."""
+    retrier = Retrier(policy, what)
+    while True:
+        try:
+            return await attempt(retrier.attempt_timeout(timeout_s))
+        except grpc.RpcError as exc:
+            await retrier.wait_or_raise_async(exc)

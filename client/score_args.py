@@ -6,7 +6,14 @@ import argparse
 import math
 from pathlib import Path
 
-from vaeserve.client.arguments import MAX_SEED, TOKEN_ENV, UsageError, parse_model
+from vaeserve.client.arguments import (
+    MAX_SEED,
+    SERVER_HELP,
+    TOKEN_ENV,
+    UsageError,
+    check_server,
+    parse_model,
+)
 from vaeserve.client.score_data import SPLITS
 
 __all__ = ["DEFAULT_BATCH", "build_parser", "check_score_args"]
@@ -22,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "See docs/score.md.",
     )
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--server", help="host:port of vae-serve; several, comma-separated")
+    where.add_argument("--server", help=SERVER_HELP)
     where.add_argument(
         "--local", metavar="REPO", type=Path, help="run in-process on this repository"
     )
@@ -56,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_score_args(args: argparse.Namespace) -> tuple[str, int]:
     name, version = parse_model(args.model)
+    check_server(args.server)
     for flag, value in (
         ("--k", args.k),
         ("--shard-size", args.shard_size),

@@ -88,7 +88,9 @@ class ServerProcess:
 
     def __init__(self, repository: Path, port: int = 0, flags: Sequence[str] = ()):
         command = [sys.executable, "-c", _SERVE, "--repository", str(repository)]
-        command += ["--port", str(port), "--device", "cpu", "--intra-op-threads", "1", *flags]
+        # REST off unless flags turn it on (the last --http-port wins): not Triton's 8000.
+        command += ["--port", str(port), "--http-port", "off", "--device", "cpu"]
+        command += ["--intra-op-threads", "1", *flags]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.output = OutputLines(self.process)
         self.port = int(self.output.wait_for(r"listening on .*:(\d+)").group(1))
@@ -132,3 +134,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Hangup:
+    """A TCP listener that accepts connections and closes them at once, counting them: an
+    address that is dialled but never serves."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._listener.close()

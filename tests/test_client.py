@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from client_fixtures import ServerProcess, free_port, serve
+from client_fixtures import Hangup, ServerProcess, free_port, serve
 from serving_fixtures import ServerThread
 
 from vaeserve.client import RetryPolicy, VaeClient
@@ -258,36 +257,8 @@ def test_unreachable_server_is_retried_then_reported(caplog):
     assert len(caplog.records) >= 2, "UNAVAILABLE is retried"
 
 
-class _Hangup:
-    """A TCP listener that accepts connections and closes them at once, counting them: an
-    address that is dialled but never serves."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            self.accepted += 1
-            connection.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._listener.close()
-
-
 def test_round_robin_tries_a_dead_address_and_skips_it(served, caplog):
-    dead = _Hangup()
+    dead = Hangup()
     try:
         with VaeClient([dead.address, served.address], retry=FAST) as c:
             with caplog.at_level(logging.WARNING, logger="vaeserve.client.retry"):
