@@ -3,7 +3,8 @@
 Run: vae-export --checkpoint runs/cvae/checkpoint.pt --repository models --name digits-cvae
 
 Steps: load the checkpoint and rebuild its model in eval mode; export both graphs into a hidden
-staging folder beside the version; check them (onnx.checker, opset, no random ops); run the
+staging folder beside the version; check them (onnx.checker, opset, no random ops); for a
+VampPrior, write its mixture (the posteriors of the pseudo-inputs) to prior.npz; run the
 parity gate (export/parity.py); write and re-read the manifest, checking it against the files
 and the graphs' real inputs/outputs; rename the folder into place (export/publish.py).
 """
@@ -11,6 +12,7 @@ and the graphs' real inputs/outputs; rename the folder into place (export/publis
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import logging
@@ -28,6 +30,7 @@ import onnxruntime as ort
 import onnxscript
 import torch
 
+from vaeserve.engine.sampling import MixturePrior
 from vaeserve.export.graphs import (
     DEFAULT_OPSET,
     GRAPH_FILES,
@@ -43,8 +46,10 @@ from vaeserve.export.parity import (
     ParityError,
     build_cases,
     check_parity,
+    check_prior_parity,
     reference_data,
 )
+from vaeserve.export.prior import write_prior
 from vaeserve.export.publish import (
     VersionExistsError,
     model_folder,
@@ -57,6 +62,7 @@ from vaeserve.manifest import (
     GraphSpec,
     ManifestError,
     ModelManifest,
+    PriorSpec,
     TensorSpec,
     check_graph_io,
     read_manifest,
@@ -119,10 +125,13 @@ def export_checkpoint(
     precision = "fp16" if fp16 else "fp32"
     with staging_folder(folder) as staging:
         graphs = _export_graphs(model, staging, opset, fp16)
-        parity = _run_gate(model, ckpt.data_info, graphs, precision)
+        prior = write_prior(model, staging)
+        parity = _run_gate(model, ckpt.data_info, graphs, precision, prior)
         manifest = _build_manifest(
             model, ckpt, Path(checkpoint), name, version, opset, graphs, parity, precision
         )
+        if prior is not None:
+            manifest = dataclasses.replace(manifest, prior=prior[0])
         write_manifest(manifest, staging / MANIFEST_FILE)
         _verify_staged(staging, manifest)
         version_dir = publish_version(staging, folder, version, force)
@@ -148,9 +157,14 @@ def _export_graphs(model: torch.nn.Module, staging: Path, opset: int, fp16: bool
 
 
 def _run_gate(
-    model: torch.nn.Module, data_info: dict[str, Any], graphs: dict[str, Any], precision: str
+    model: torch.nn.Module,
+    data_info: dict[str, Any],
+    graphs: dict[str, Any],
+    precision: str,
+    prior: tuple[PriorSpec, MixturePrior] | None = None,
 ) -> dict[str, Any]:
-    """Parity of both graphs against the fp32 model; the manifest's ``parity`` record."""
+    """Parity of both graphs (and of a mixture prior's file) against the fp32 model; the
+    manifest's ``parity`` record."""
     config = model.config
     try:
         x, y, described = reference_data(data_info)
@@ -162,13 +176,21 @@ def _run_gate(
             f"data_info: the data set's images are {list(x.shape[1:])}, the model's "
             f"data_shape is {list(config.data_shape)}"
         )
-    prior = _prior_means(model)
+    prior_means = _prior_means(model)
+    mixture = None if prior is None else prior[1]
     io = {g: (m.input_names, m.output_names) for g, (_, m) in graphs.items()}
     cases = build_cases(
-        graphs["encoder"][1], graphs["decoder"][1], io, (x, y), config.latent_dim, prior
+        graphs["encoder"][1],
+        graphs["decoder"][1],
+        io,
+        (x, y),
+        config.latent_dim,
+        prior_means,
+        mixture=mixture,
     )
     tol = TOLERANCES[precision]
     results = check_parity({g: p for g, (p, _) in graphs.items()}, cases, tol)
+    prior_record = {} if mixture is None else {"prior": check_prior_parity(model, mixture)}
     rows = [r for table in results.values() for outs in table.values() for r in outs.values()]
     max_abs, max_rel = max(r["max_abs"] for r in rows), max(r["max_rel"] for r in rows)
     logger.info(
@@ -185,10 +207,13 @@ def _run_gate(
         "tolerance": tol.to_dict(),
         "batch_sizes": list(BATCH_SIZES),
         "providers": list(results),
-        "inputs": f"x, y: {described}; z: N(0, I)" + (" + mu_y" if prior is not None else ""),
+        "inputs": f"x, y: {described}; z: "
+        + ("the exported mixture prior" if mixture is not None else "N(0, I)")
+        + (" + mu_y" if prior_means is not None else ""),
         "max_abs": max_abs,
         "max_rel": max_rel,
         "results": results,
+        **prior_record,
     }
 
 

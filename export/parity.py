@@ -28,6 +28,7 @@ __all__ = [
     "Tolerance",
     "build_cases",
     "check_parity",
+    "check_prior_parity",
     "compare",
     "parity_providers",
     "reference_data",
@@ -100,6 +101,7 @@ def build_cases(
     latent_dim: int,
     prior_means: np.ndarray | None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
+    mixture: Any = None,
 ) -> list[ParityCase]:
     """PyTorch's answers for each graph at each batch size.
 
@@ -110,6 +112,8 @@ def build_cases(
         data: images (N, C, H, W) and labels (N,) or None; rows repeat when N < batch size.
         latent_dim: width of z.
         prior_means: (num_classes, latent_dim) for a prior CVAE: z is drawn around μ_y.
+        mixture: the exported mixture prior (``sampling.MixturePrior``) of a VampPrior VAE:
+            z is drawn from it, where the decoder will be asked to work.
     """
     x_all, y_all = data
     rng = np.random.default_rng(_PARITY_SEED)
@@ -119,6 +123,9 @@ def build_cases(
         x = np.ascontiguousarray(x_all[rows], dtype=np.float32)  # (b, C, H, W)
         y = None if y_all is None else np.ascontiguousarray(y_all[rows], dtype=np.int64)  # (b,)
         z = rng.standard_normal((b, latent_dim)).astype(np.float32)  # (b, latent_dim)
+        if mixture is not None:
+            c = rng.choice(mixture.components, size=b, p=mixture.weights)
+            z = mixture.means[c] + np.exp(0.5 * mixture.logvars[c]) * z
         if prior_means is not None and y is not None:
             z = z + prior_means[y].astype(np.float32)  # z ~ N(μ_y, I)
         for graph, module, first in (("encoder", encoder, x), ("decoder", decoder, z)):
@@ -132,6 +139,26 @@ def build_cases(
             expected = {n: t.numpy() for n, t in zip(outputs, got, strict=True)}
             cases.append(ParityCase(graph, b, feeds, expected))
     return cases
+
+
+def check_prior_parity(model: torch.nn.Module, mixture: Any, rows: int = 256) -> dict[str, float]:
+    """log p(z) of the exported mixture (numpy, as the server computes it) against the torch
+    model's ``log_prior``, at draws from the model's own prior and at N(0, I) draws (the far
+    side of the mixture); |Δ| within the fp32 tolerance. Returns max_abs and max_rel.
+
+    Raises:
+        ParityError: the exported prior's density differs from the model's.
+    """
+    generator = torch.Generator().manual_seed(_PARITY_SEED)
+    with torch.no_grad():
+        own = model.sample_latent(rows, generator=generator)
+        wide = torch.randn(rows, own.shape[1], generator=generator)
+        z = torch.cat([own, wide]).float()
+        expected = model.log_prior(z).double().numpy()
+    c = compare(mixture.log_prob(z.numpy()), expected, TOLERANCES["fp32"])
+    if not c["ok"]:
+        raise ParityError(f"parity gate failed: the exported prior's log p(z): {c['detail']}")
+    return {"max_abs": c["max_abs"], "max_rel": c["max_rel"]}
 
 
 def parity_providers() -> list[str]:

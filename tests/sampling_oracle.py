@@ -17,6 +17,10 @@ The contract, as documented:
   pair ``(r cos t, r sin t)``; a row takes the first w values.
 - Uniforms: each word gives two 32-bit halves, ``u = ((half >> 9) + 0.5) * 2**-23``.
 - Latents: ``z = mu_y + temperature * eps`` (mu_y = 0 but for a prior CVAE's class means).
+- Under a mixture prior (weights w, means m, log-variances lv): row i's component is the
+  first k with ``u_i < (w_1 + ... + w_k) / (w_1 + ... + w_K)`` (float64 sums), u_i the one
+  uniform of row i of stream 4; ``z = m_c + (temperature * sigma_c) * eps`` in float32, with
+  ``sigma_c = exp(0.5 * lv_c)`` in float32 and eps row i of stream 0.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import math
 
 import numpy as np
 
-LATENT_STREAM, OUTPUT_STREAM, ENCODE_STREAM = 0, 1, 2
+LATENT_STREAM, OUTPUT_STREAM, ENCODE_STREAM, COMPONENT_STREAM = 0, 1, 2, 4
 WORDS_PER_BLOCK = 4
 MASK64 = (1 << 64) - 1
 
@@ -163,3 +167,31 @@ def latents(
     if prior_means is not None:
         z = z + np.asarray(prior_means, dtype=np.float32)[np.asarray(labels, dtype=np.int64)]
     return z.astype(np.float32)
+
+
+def mixture_latents(
+    seed: int,
+    start: int,
+    count: int,
+    means,
+    logvars,
+    weights,
+    temperature: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(components (count,), z (count, latent_dim) float32) under a mixture prior."""
+    means = np.asarray(means, dtype=np.float32)
+    sigmas = np.exp(np.float32(0.5) * np.asarray(logvars, dtype=np.float32))
+    cumulative = [0.0]
+    for w in np.asarray(weights, dtype=np.float64):
+        cumulative.append(cumulative[-1] + float(w))
+    total = cumulative[-1]
+    u = uniforms(seed, COMPONENT_STREAM, start, count, 1)[:, 0]
+    components = np.empty(count, dtype=np.int64)
+    for i in range(count):
+        k = 0
+        while k < len(means) - 1 and not float(u[i]) < cumulative[k + 1] / total:
+            k += 1
+        components[i] = k
+    eps = normals_float32(seed, LATENT_STREAM, start, count, means.shape[1])
+    z = means[components] + (sigmas[components] * np.float32(temperature)) * eps
+    return components, z.astype(np.float32)

@@ -193,3 +193,28 @@ def test_train_config_defaults_and_validation():
     for bad in ({"epochs": 0}, {"lr": -1.0}, {"binarize": "otsu"}, {"device": "tpu"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
+
+
+def test_prior_mean_scale_starts_the_class_means_apart():
+    # Zeros (the old start) unless asked; then each class on an axis of its own, or on a
+    # random unit direction when there are more classes than latent axes.
+    assert torch.equal(build_model(_config("cvae", "prior")).prior_means, torch.zeros(3, 2))
+    model = build_model(_config("cvae", "prior", latent_dim=4, prior_mean_scale=5.0))
+    torch.testing.assert_close(model.prior_means.detach(), 5.0 * torch.eye(3, 4))
+    crowded = build_model(_config("cvae", "prior", num_classes=3, prior_mean_scale=2.0))
+    torch.testing.assert_close(crowded.prior_means.detach().norm(dim=1), torch.full((3,), 2.0))
+    assert TrainConfig(model="cvae", conditioning="prior").prior_mean_scale > 0
+    config = TrainConfig(model="cvae", conditioning="concat").model_config((1, 8, 8), 10)
+    assert config.prior_mean_scale == 0.0  # only the class-mean prior has class means
+    with pytest.raises(ValueError, match="prior_mean_scale"):
+        _config("cvae", "prior", prior_mean_scale=-1.0)
+
+
+def test_dropout_is_off_in_eval_and_leaves_a_plain_mlp_as_it_was():
+    # Checkpoints written before the option name the layers net.0, net.2, ...
+    assert "encoder.net.2.weight" in build_model(_config(hidden_dims=(16, 8))).state_dict()
+    dropped = build_model(_config(dropout=0.3)).eval()
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(dropped.encode(x)[0], dropped.encode(x)[0])
+    with pytest.raises(ValueError, match="dropout"):
+        _config(dropout=1.0)

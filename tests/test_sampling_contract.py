@@ -94,14 +94,35 @@ def test_prior_latents_follow_the_contract(seed, start, count, dim, temperature)
     )
 
 
+@pytest.mark.parametrize(
+    ("seed", "start", "count", "temperature"),
+    [(TOP, 3, 40, 1.0), (2**63 + 5, 1, 25, 0.7), (42, 2**40 - 30, 30, 1.3)],
+)
+def test_mixture_prior_latents_follow_the_contract(seed, start, count, temperature):
+    t = float(np.float32(temperature))
+    rng = np.random.default_rng(7)
+    means = rng.normal(0.0, 3.0, (6, 5)).astype(np.float32)
+    logvars = rng.normal(-1.0, 0.5, (6, 5)).astype(np.float32)
+    weights = np.array([0.05, 0.3, 0.0, 0.25, 0.15, 0.25])  # a zero weight is never drawn
+    mixture = sampling.MixturePrior(means, logvars, weights)
+    components, expected = oracle.mixture_latents(seed, start, count, means, logvars, weights, t)
+    np.testing.assert_array_equal(mixture.choose(seed, start, count), components)
+    assert 2 not in components
+    np.testing.assert_array_equal(
+        sampling.prior_latents(5, seed, start, count, t, mixture=mixture), expected
+    )
+
+
 # --- the latents a real server returns ---------------------------------------------------
 
 # name -> tiny_config overrides: the standard-normal prior (latent 2: one counter block a
-# row) and a prior CVAE with a wider latent (9: two blocks a row; z = class mean + t * eps).
-# Two exports only: each costs seconds, and the module must stay well under 20 s.
+# row), a prior CVAE with a wider latent (9: two blocks a row; z = class mean + t * eps) and a
+# VampPrior VAE. Three exports only: each costs seconds, and the module must stay under 20 s.
 MODELS = {
     "vae": {},
     "prior": {"kind": "cvae", "conditioning": "prior", "latent_dim": 9},
+    # A VampPrior VAE: z = m_c + t * sigma_c * eps, c drawn from the component stream.
+    "vamp": {"prior": "vamp", "prior_components": 5, "latent_dim": 3},
 }
 
 
@@ -181,3 +202,21 @@ def test_served_prior_cvae_latents_are_class_means_plus_scaled_noise(served):
     answer = _sample(stub, "prior", num_samples=5, seed=11, start_index=6, label=4)
     expected = oracle.latents(11, 6, 5, dim, 1.0, [4] * 5, means)
     np.testing.assert_array_equal(array(answer.latents), expected)
+
+
+def test_served_mixture_prior_latents_follow_the_contract(served):
+    stub, repository = served
+    manifest = _manifest(repository, "vamp")
+    assert manifest["format_version"] == 2 and manifest["prior"]["components"] == 5
+    with np.load(repository / "vamp" / "1" / manifest["prior"]["file"]) as prior:
+        means, logvars, weights = prior["means"], prior["logvars"], prior["weights"]
+    for seed, start, count, t in [(TOP, 0, 9, None), (2**63 + 3, 2**35 + 1, 12, 0.5)]:
+        fields = {} if t is None else {"temperature": t}
+        answer = _sample(stub, "vamp", num_samples=count, seed=seed, start_index=start, **fields)
+        t32 = 1.0 if t is None else float(np.float32(t))
+        _, expected = oracle.mixture_latents(seed, start, count, means, logvars, weights, t32)
+        np.testing.assert_array_equal(array(answer.latents), expected)
+    # Row i of a seed is the same whichever request holds it.
+    whole = array(_sample(stub, "vamp", num_samples=10, seed=5, start_index=0).latents)
+    tail = array(_sample(stub, "vamp", num_samples=4, seed=5, start_index=6).latents)
+    np.testing.assert_array_equal(whole[6:], tail)

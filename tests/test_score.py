@@ -41,6 +41,8 @@ MODELS = {
         "conditioning": "prior",
         "likelihood": "gaussian-learned",
     },
+    # The VampPrior: log p(z) of the exported mixture and the KL's Monte Carlo estimate.
+    "vae-vamp": {"prior": "vamp", "prior_components": 7},
 }
 MAX_K = 64
 MAX_ROWS = 2000

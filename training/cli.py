@@ -20,6 +20,8 @@ from vaeserve.training.config import (
     DEVICES,
     KINDS,
     LIKELIHOODS,
+    PRIORS,
+    PSEUDO_INITS,
     TrainConfig,
 )
 from vaeserve.training.train import RESUMABLE, resume_config, train
@@ -66,6 +68,33 @@ def _parser() -> argparse.ArgumentParser:
         dest="train_k",
         metavar="K",
         help=f"samples of the IWAE objective; 1 is the ELBO ({d.train_k})",
+    )
+    p.add_argument(
+        "--prior",
+        choices=PRIORS,
+        help="p(z): N(0, I) (a prior CVAE: N(mu_y, I)) or, for a vae, the VampPrior, a "
+        "mixture of the posteriors of learned pseudo-inputs (vamp for a vae, normal for a cvae)",
+    )
+    p.add_argument(
+        "--prior-components",
+        type=int,
+        metavar="K",
+        help=f"pseudo-inputs of --prior vamp ({d.prior_components})",
+    )
+    p.add_argument(
+        "--dropout", type=float, metavar="P", help=f"MLP dropout while training ({d.dropout})"
+    )
+    p.add_argument(
+        "--pseudo-init",
+        choices=PSEUDO_INITS,
+        help=f"--prior vamp: pseudo-inputs start near grey or at training images ({d.pseudo_init})",
+    )
+    p.add_argument(
+        "--prior-mean-scale",
+        type=float,
+        metavar="S",
+        help="--conditioning prior: the class means start S from 0, each on its own axis "
+        f"({d.prior_mean_scale})",
     )
     p.add_argument("--eval-k", type=int, help=f"importance samples of the test NLL ({d.eval_k})")
     p.add_argument("--seed", type=int, help=f"({d.seed})")

@@ -11,6 +11,8 @@ from vaeserve.manifest import DECODER_OUTPUTS, LIKELIHOODS
 
 __all__ = [
     "ARCHS",
+    "PRIORS",
+    "PSEUDO_INITS",
     "BINARIZE_MODES",
     "CONDITIONINGS",
     "DEFAULT_HIDDEN_DIMS",
@@ -26,10 +28,25 @@ CONDITIONINGS = ("concat", "prior")
 ARCHS = ("mlp", "conv")
 BINARIZE_MODES = ("none", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
+# "normal": N(0, I) (a prior CVAE: N(mu_y, I)); "vamp": the VampPrior (Tomczak & Welling 2018),
+# the mean of the encoder's posteriors at prior_components learned pseudo-inputs.
+PRIORS = ("normal", "vamp")
+PSEUDO_INITS = ("random", "data")
 
 # For "mlp" these are layer widths; for "conv" they are channel counts of stride-2 convolutions.
 # The MLP widths were chosen by the experiments recorded in docs/training.md.
 DEFAULT_HIDDEN_DIMS = {"mlp": (512, 256), "conv": (32, 64)}
+
+
+# What a run stored before these TrainConfig fields existed did: a resumed or compared old
+# run must keep meaning what it meant, not take today's defaults.
+_BEFORE_FIELDS = {
+    "prior": "normal",
+    "prior_components": 500,
+    "pseudo_init": "random",
+    "prior_mean_scale": 0.0,
+    "dropout": 0.0,
+}
 
 
 def _fail(field_name: str, expected: str, value: Any) -> ValueError:
@@ -96,9 +113,30 @@ class ModelConfig:
     # of a digit) would otherwise drive σ to 0 and the density to infinity.
     log_sigma_min: float = -4.6  # σ >= 0.01
     log_sigma_max: float = 2.0
+    prior: str = "normal"  # one of PRIORS
+    prior_components: int | None = None  # pseudo-inputs of a "vamp" prior, None otherwise
+    # Initial distance of a prior CVAE's class means from 0 (each on an axis of its own); 0
+    # starts them all at 0. Only the starting point: the means are learned.
+    prior_mean_scale: float = 0.0
+    dropout: float = 0.0  # dropout after each hidden layer of an MLP while training
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, KINDS)
+        _check_choice("prior", self.prior, PRIORS)
+        if self.prior == "vamp":
+            # A CVAE's prior is conditional (class means, or N(0, I) beside a one-hot y); a
+            # label-free mixture would ignore the label it is asked to sample.
+            if self.kind != "vae":
+                raise _fail("prior", "'normal' for kind 'cvae' ('vamp' is for a vae)", self.prior)
+            _check_int("prior_components", self.prior_components, 1)
+        elif self.prior_components is not None:
+            raise _fail("prior_components", "None unless prior is 'vamp'", self.prior_components)
+        _check_float("prior_mean_scale", self.prior_mean_scale)
+        if self.prior_mean_scale < 0:
+            raise _fail("prior_mean_scale", "a number >= 0", self.prior_mean_scale)
+        _check_float("dropout", self.dropout)
+        if not 0 <= self.dropout < 1:
+            raise _fail("dropout", "a probability in [0, 1)", self.dropout)
         if self.kind == "vae":
             if self.conditioning is not None:
                 raise _fail("conditioning", "None for kind 'vae'", self.conditioning)
@@ -168,6 +206,16 @@ class TrainConfig:
     beta: float = 1.0  # weight of the KL term (β-VAE); 1 gives the ELBO
     kl_warmup_epochs: int = 50  # β rises linearly from 0 over this many epochs
     train_k: int = 5  # importance samples of the training objective; 1 trains the ELBO
+    # One of PRIORS; None: "vamp" for a VAE (-0.19 nats, docs/training.md), "normal" for a
+    # CVAE (its prior is conditional; "vamp" is refused there).
+    prior: str | None = None
+    prior_components: int = 50  # pseudo-inputs of the "vamp" prior
+    # A VampPrior's pseudo-inputs start at random training images ("data"), or near grey.
+    pseudo_init: str = "data"
+    # A prior CVAE's class means start this far from 0, each on its own axis: from 0 they end
+    # too close for unit-variance draws (docs/training.md).
+    prior_mean_scale: float = 6.5
+    dropout: float = 0.0  # MLP dropout while training
     eval_k: int = 1000  # importance samples of the final test NLL
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
@@ -187,6 +235,19 @@ class TrainConfig:
             object.__setattr__(self, "binarize", default)
         _check_choice("binarize", self.binarize, BINARIZE_MODES)
         _check_choice("arch", self.arch, ARCHS)
+        if self.prior is None:
+            object.__setattr__(self, "prior", "vamp" if self.model == "vae" else "normal")
+        _check_choice("prior", self.prior, PRIORS)
+        if self.prior == "vamp" and self.model != "vae":
+            raise _fail("prior", "'normal' for model 'cvae' ('vamp' is for a vae)", self.prior)
+        _check_int("prior_components", self.prior_components, 1)
+        _check_float("prior_mean_scale", self.prior_mean_scale)
+        if self.prior_mean_scale < 0:
+            raise _fail("prior_mean_scale", "a number >= 0", self.prior_mean_scale)
+        _check_choice("pseudo_init", self.pseudo_init, PSEUDO_INITS)
+        _check_float("dropout", self.dropout)
+        if not 0 <= self.dropout < 1:
+            raise _fail("dropout", "a probability in [0, 1)", self.dropout)
         dims = DEFAULT_HIDDEN_DIMS[self.arch] if self.hidden_dims is None else self.hidden_dims
         object.__setattr__(self, "hidden_dims", _int_tuple("hidden_dims", dims))
         for name in ("latent_dim", "epochs", "batch_size", "train_k", "eval_k"):
@@ -219,6 +280,10 @@ class TrainConfig:
             hidden_dims=self.hidden_dims,
             num_classes=num_classes if self.model == "cvae" else None,
             gaussian_sigma=self.gaussian_sigma,
+            prior=self.prior,
+            prior_components=self.prior_components if self.prior == "vamp" else None,
+            prior_mean_scale=self.prior_mean_scale if self.conditioning == "prior" else 0.0,
+            dropout=self.dropout,
         )
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -238,4 +303,6 @@ class TrainConfig:
         Raises:
             ValueError: a field is unknown or has a bad value; the message names it.
         """
+        if isinstance(d, dict):  # a stored run from before a field: that field's old meaning
+            d = {**_BEFORE_FIELDS, **d}
         return _from_dict(cls, d, ("hidden_dims",))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vaeserve.training.model import VAE, reparameterize
+from vaeserve.training.model import VAE, log_normal_mixture, reparameterize
 
 __all__ = [
     "ElboTerms",
@@ -22,6 +22,7 @@ __all__ = [
     "evaluate_bounds",
     "gaussian_log_prob",
     "iwae_bound",
+    "kl_monte_carlo",
     "kl_normal",
     "log_likelihood",
     "log_normal_diag",
@@ -60,6 +61,21 @@ def kl_normal(
     """
     diff = mu if prior_mu is None else mu - prior_mu
     return 0.5 * (diff.pow(2) + logvar.exp() - logvar - 1.0).sum(-1)
+
+
+def kl_monte_carlo(
+    model: VAE,
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One-sample estimate log q(z|x) − log p(z[|y]) of KL(q || p) at z ~ q; (...,).
+
+    For a prior without a closed-form KL (the VampPrior's mixture); unbiased, and for
+    N(0, I) its mean over draws is `kl_normal` (tested).
+    """
+    return log_normal_diag(z, mu, logvar) - model.log_prior(z, y)
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -119,7 +135,10 @@ def elbo_terms(
     mu, logvar = model.encode(x, y)
     z = reparameterize(mu, logvar, generator, eps)  # (B, latent_dim)
     rec = log_likelihood(model, x, model.decoder_params(z, y))
-    kl = kl_normal(mu, logvar, model.prior_mean(y, len(x)) if y is not None else None)
+    if model.gaussian_prior:
+        kl = kl_normal(mu, logvar, model.prior_mean(y, len(x)) if y is not None else None)
+    else:
+        kl = kl_monte_carlo(model, z, mu, logvar, y)
     return ElboTerms(elbo=rec - kl, log_likelihood=rec, kl=kl)
 
 
@@ -132,15 +151,24 @@ def _log_weights(
     generator: torch.Generator | None,
     eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns log w (k, B), log p(x|z) (k, B) and the closed-form KL (B,); ``eps``
-    (k, B, latent_dim): the noise to use instead of drawing it."""
+    """Returns log w (k, B), log p(x|z) (k, B) and the KL (B,): in closed form for a Gaussian
+    prior, else the mean over the k draws of log q(z|x) − log p(z); ``eps`` (k, B,
+    latent_dim): the noise to use instead of drawing it."""
     y = _labels(model, y)
     batch = len(x)
     mu, logvar = model.encode(x, y)  # (B, latent_dim)
     prior_mu = model.prior_mean(y, batch) if y is not None else torch.zeros_like(mu)
+    # The mixture's components are computed once, not once per chunk of draws.
+    components = None if model.gaussian_prior else model.prior_components()
+
+    def log_prior(z: torch.Tensor) -> torch.Tensor:
+        if components is None:
+            return log_normal_diag(z, prior_mu, torch.zeros_like(mu))
+        return log_normal_mixture(z, *components)
+
     rows = max(1, _MAX_PIXELS // math.prod(model.config.data_shape))
     chunk = max(1, min(k, rows // max(batch, 1)))
-    log_w, log_px = [], []
+    log_w, log_px, log_ratio = [], [], []
     for start in range(0, k, chunk):
         s = min(chunk, k - start)
         noise = None if eps is None else eps[start : start + s]
@@ -149,12 +177,15 @@ def _log_weights(
         params = model.decoder_params(z.flatten(0, 1), flat_y)
         x_rep = x.expand(s, *x.shape).flatten(0, 1)  # (s*B, C, H, W)
         rec = log_likelihood(model, x_rep, params).view(s, batch)
-        log_prior_over_q = log_normal_diag(z, prior_mu, torch.zeros_like(mu)) - log_normal_diag(
-            z, mu, logvar
-        )
+        log_prior_over_q = log_prior(z) - log_normal_diag(z, mu, logvar)
         log_w.append(rec + beta * log_prior_over_q)  # (s, B)
         log_px.append(rec)
-    return torch.cat(log_w), torch.cat(log_px), kl_normal(mu, logvar, prior_mu)
+        log_ratio.append(log_prior_over_q)
+    if model.gaussian_prior:
+        kl = kl_normal(mu, logvar, prior_mu)
+    else:
+        kl = -torch.cat(log_ratio).mean(0)
+    return torch.cat(log_w), torch.cat(log_px), kl
 
 
 def iwae_bound(
@@ -184,8 +215,9 @@ def evaluate_bounds(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (ELBO, importance-weighted bound, KL), each (B,), from one pass of k samples.
 
-    The ELBO averages log p(x|z) over the k samples and subtracts the closed-form KL, which
-    is the lower-variance estimate; −bound estimates the NLL −log p(x).
+    The ELBO averages log p(x|z) over the k samples and subtracts the KL, in closed form for
+    a Gaussian prior (the lower-variance estimate), else averaged over the same k draws;
+    −bound estimates the NLL −log p(x).
     """
     log_w, log_px, kl = _log_weights(model, x, y, k, 1.0, generator)
     return log_px.mean(0) - kl, torch.logsumexp(log_w, dim=0) - math.log(k), kl

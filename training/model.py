@@ -14,7 +14,9 @@ from torch import nn
 
 from vaeserve.training.config import ModelConfig
 
-__all__ = ["VAE", "build_model", "reparameterize"]
+__all__ = ["VAE", "build_model", "log_normal_mixture", "reparameterize"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def build_model(config: ModelConfig) -> VAE:
@@ -53,11 +55,56 @@ def reparameterize(
     return mu + eps * torch.exp(0.5 * logvar)  # (..., latent_dim)
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+def log_normal_mixture(
+    z: torch.Tensor,
+    means: torch.Tensor,
+    logvars: torch.Tensor,
+    log_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """log Σ_k w_k N(z; m_k, diag exp(logvars_k)) summed over the latent axis; (...,).
+
+    Args:
+        z: (..., D) latents.
+        means, logvars: (K, D) components; with ``log_weights`` None, K is 1 (a single
+            Gaussian) or the rows of z (one Gaussian per row, as a prior CVAE's μ_y).
+        log_weights: (K,) mixture log-weights, or None for a single Gaussian per row.
+
+    The mixture's quadratic form is expanded into matrix products in float64, so memory is
+    (rows, K) rather than (rows, K, D), and the cancellation of the expansion (|z|²/σ² can
+    be 1e5 for σ² = e^-10) stays far below float32 resolution; vaeserve.engine.sampling
+    computes the same sums in numpy.
+    """
+    if log_weights is None:
+        var_inv = torch.exp(-logvars)
+        return -0.5 * (_LOG_2PI + logvars + (z - means).pow(2) * var_inv).sum(-1)
+    z64, m64, lv64 = z.double(), means.double(), logvars.double()
+    var_inv = torch.exp(-lv64)  # (K, D)
+    quad = (
+        z64.pow(2) @ var_inv.T - 2.0 * z64 @ (m64 * var_inv).T + (m64.pow(2) * var_inv).sum(-1)
+    )  # (..., K)
+    log_norm = -0.5 * (z.shape[-1] * _LOG_2PI + lv64.sum(-1))  # (K,)
+    log_comp = log_weights.double() + log_norm - 0.5 * quad
+    return torch.logsumexp(log_comp, dim=-1).to(z.dtype)
+
+
+def _spread_means(num_classes: int, latent_dim: int, scale: float) -> torch.Tensor:
+    """Starting class means: each at distance `scale` from 0 on an axis of its own (random
+    unit directions when there are more classes than axes); zeros for scale 0."""
+    if scale == 0:
+        return torch.zeros(num_classes, latent_dim)
+    if num_classes <= latent_dim:
+        return scale * torch.eye(num_classes, latent_dim)
+    directions = torch.randn(num_classes, latent_dim)
+    return scale * directions / directions.norm(dim=1, keepdim=True)
+
+
+def _mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         layers.append(nn.ReLU())
+        if dropout:  # only then: a checkpoint's layer indices stay those of the plain MLP
+            layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
 
 
@@ -73,7 +120,8 @@ def _conv_sizes(height: int, width: int, n: int) -> list[tuple[int, int]]:
 class _MlpEncoder(nn.Module):
     def __init__(self, config: ModelConfig, label_dim: int) -> None:
         super().__init__()
-        self.net = _mlp([math.prod(config.data_shape) + label_dim, *config.hidden_dims])
+        sizes = [math.prod(config.data_shape) + label_dim, *config.hidden_dims]
+        self.net = _mlp(sizes, config.dropout)
         self.out_dim = config.hidden_dims[-1]
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
@@ -89,7 +137,7 @@ class _MlpDecoder(nn.Module):
         _, height, width = config.data_shape
         hidden = list(reversed(config.hidden_dims))
         self.net = nn.Sequential(
-            _mlp([config.latent_dim + label_dim, *hidden]),
+            _mlp([config.latent_dim + label_dim, *hidden], config.dropout),
             nn.Linear(hidden[-1], out_channels * height * width),
             nn.Unflatten(1, (out_channels, height, width)),
         )
@@ -177,7 +225,13 @@ class VAE(nn.Module):
             eye = torch.eye(config.num_classes)
             self.register_buffer("_label_eye", eye, persistent=False)
         if config.conditioning == "prior":
-            self.prior_means = nn.Parameter(torch.zeros(config.num_classes, config.latent_dim))
+            means = _spread_means(config.num_classes, config.latent_dim, config.prior_mean_scale)
+            self.prior_means = nn.Parameter(means)
+        if config.prior == "vamp":
+            # Logits of the pseudo-inputs: their sigmoid keeps them images in (0, 1). Small
+            # noise around grey; train.py may start them from training images instead.
+            shape = (config.prior_components, *config.data_shape)
+            self.pseudo_logits = nn.Parameter(0.1 * torch.randn(shape))
 
     @property
     def encoder_takes_label(self) -> bool:
@@ -255,12 +309,41 @@ class VAE(nn.Module):
             raise ValueError("y: a prior CVAE needs int64 class indices (B,) for its prior")
         return self.prior_means[y]
 
+    @property
+    def gaussian_prior(self) -> bool:
+        """True when p(z[|y]) is one Gaussian N(μ_y, I), whose KL has a closed form."""
+        return self.config.prior == "normal"
+
+    def prior_components(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A VampPrior as a Gaussian mixture: component means and log-variances, each (K, D),
+        and log-weights (K,) (uniform): what the exporter publishes."""
+        if self.config.prior != "vamp":
+            raise ValueError(f"prior: {self.config.prior!r} is not a mixture")
+        means, logvars = self.encode(torch.sigmoid(self.pseudo_logits))
+        count = self.config.prior_components
+        log_weights = means.new_full((count,), -math.log(count))
+        return means, logvars, log_weights
+
+    def log_prior(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(z[|y]) summed over the latent axis; z (..., D) -> (...,)."""
+        if self.gaussian_prior:
+            mean = self.prior_mean(y, 1 if y is None else len(y))  # broadcasts over samples
+            return log_normal_mixture(z, mean, torch.zeros_like(mean), None)
+        return log_normal_mixture(z, *self.prior_components())
+
     def sample_latent(
         self, n: int, y: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Draws n latents from the prior p(z[|y]); (n, latent_dim)."""
-        mean = self.prior_mean(y, n)
-        return reparameterize(mean, torch.zeros_like(mean), generator)
+        if self.gaussian_prior:
+            mean = self.prior_mean(y, n)
+            return reparameterize(mean, torch.zeros_like(mean), generator)
+        means, logvars, log_weights = self.prior_components()
+        probs = log_weights.exp()
+        if generator is not None:  # multinomial draws on its generator's device
+            probs = probs.to(generator.device)
+        pick = torch.multinomial(probs, n, replacement=True, generator=generator).to(means.device)
+        return reparameterize(means[pick], logvars[pick], generator)
 
     @torch.no_grad()
     def sample(

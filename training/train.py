@@ -48,7 +48,10 @@ _VAL_SEED = 12345  # the same ε every epoch, so validation ELBOs differ by the 
 _VAL_BATCH = 1024
 # Purposes of the generators derived from the run's seed (distributed.seeded_generator): each
 # epoch's order and binarization, each step's noise. Every rank derives the same ones.
-_ORDER, _BINARIZE, _NOISE = 1, 2, 3
+_ORDER, _BINARIZE, _NOISE, _PSEUDO = 1, 2, 3, 4
+# A VampPrior's pseudo-inputs start as training images pulled this far towards grey (logits
+# of ±2.2): saturated logits would barely move.
+_PSEUDO_MARGIN = 0.1
 # Settings that a resumed run may change; every other one is the stored run's.
 RESUMABLE = ("epochs", "device", "num_threads", "eval_k", "save_interval_s")
 
@@ -122,6 +125,8 @@ def _train(
     model_config = config.model_config(splits.shape, splits.num_classes)
     torch.manual_seed(config.seed)
     model = build_model(model_config).to(device)
+    if config.prior == "vamp" and config.pseudo_init == "data":
+        _pseudo_inputs_from_data(model, splits, config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     state = _Progress(best_state=_copy_state(model))
     if stored is not None:
@@ -157,6 +162,17 @@ def _train(
     logger.info("metrics: %s", json.dumps(metrics))
     ranks.barrier()
     return metrics
+
+
+@torch.no_grad()
+def _pseudo_inputs_from_data(model: VAE, splits: DatasetSplits, seed: int) -> None:
+    """Starts the pseudo-inputs at random training images (drawn by the run's seed)."""
+    count = model.config.prior_components
+    generator = seeded_generator("cpu", seed, _PSEUDO, 0)
+    picks = torch.randint(len(splits.train), (count,), generator=generator).numpy()
+    x = torch.from_numpy(np.asarray(splits.train.x[np.sort(picks)], dtype=np.float32))
+    x = x.clamp(_PSEUDO_MARGIN, 1 - _PSEUDO_MARGIN).to(model.pseudo_logits.device)
+    model.pseudo_logits.copy_(torch.logit(x))
 
 
 def _stored_run(config: TrainConfig, ckpt_path: Path) -> Checkpoint:

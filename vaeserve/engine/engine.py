@@ -44,6 +44,7 @@ class Engine:
         self._encoder = _DirectGraph(version.encoder)
         self._decoder = _DirectGraph(version.decoder)
         self._prior_means = prior_means(version.manifest)
+        self._prior_mixture = version.prior
 
     @classmethod
     def open(
@@ -95,6 +96,10 @@ class Engine:
     @property
     def prior_means(self) -> np.ndarray | None:
         return self._prior_means
+
+    @property
+    def prior_mixture(self) -> sampling.MixturePrior | None:
+        return self._prior_mixture
 
     @property
     def provider(self) -> str:

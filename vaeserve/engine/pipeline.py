@@ -62,6 +62,14 @@ class Model(Protocol):
     @property
     def prior_means(self) -> np.ndarray | None: ...  # (num_classes, latent_dim) float32
 
+    # Optional: a VAE's learned mixture prior (sampling.MixturePrior). A model without the
+    # attribute has the prior its manifest's prior_means imply, as before the mixture existed.
+    # prior_mixture: sampling.MixturePrior | None
+
+
+def _mixture(model: Model) -> sampling.MixturePrior | None:
+    return getattr(model, "prior_mixture", None)
+
 
 @dataclass(frozen=True)
 class SampleJob:
@@ -135,11 +143,14 @@ class Scores:
     elbo: np.ndarray  # mean_k log p(x|z) - kl
     log_px: np.ndarray  # logsumexp_k log w - log k: the importance-weighted bound
     log_likelihood: np.ndarray  # mean_k log p(x|z)
-    kl: np.ndarray  # KL(q(z|x) || p(z[|y])) in closed form
+    # KL(q(z|x) || p(z[|y])): in closed form for a Gaussian prior; under a mixture prior the
+    # mean over the k draws of log q(z|x) - log p(z), as training.losses computes it.
+    kl: np.ndarray
 
 
 async def sample(model: Model, job: SampleJob, deadline: float | None = None) -> Samples:
-    """z from the prior (class means for a prior CVAE, times temperature), then decoded."""
+    """z from the prior (class means for a prior CVAE, a mixture's component for a VAE with
+    a learned prior; the noise times temperature), then decoded."""
     m = model.manifest
     z = sampling.prior_latents(
         m.latent_dim,
@@ -149,6 +160,7 @@ async def sample(model: Model, job: SampleJob, deadline: float | None = None) ->
         job.temperature,
         labels=job.labels,
         prior_means=model.prior_means,
+        mixture=_mixture(model),
     )
     x = await _decode(model, z, job.labels, job.draw, job.seed, job.start, deadline)
     return Samples(x=x, z=z, seed=job.seed)
@@ -224,8 +236,8 @@ async def score(
     deadline: float | None = None,
     offload: Callable[..., Awaitable[Any]] = _inline,
 ) -> Scores:
-    """The ELBO, the k-sample importance-weighted bound, E[log p(x|z)] and the closed-form KL
-    of each input, as ``vaeserve.training.losses`` computes them, in float64.
+    """The ELBO, the k-sample importance-weighted bound, E[log p(x|z)] and the KL of each
+    input, as ``vaeserve.training.losses`` computes them, in float64.
 
     The n*k draws (input-major) go through the decoder in steps of at most ``job.chunk_rows``
     rows (``_score_steps``); between steps only per-input accumulators are kept (a running
@@ -244,10 +256,10 @@ async def score(
         prior_mu = model.prior_means[job.labels].astype(np.float64)
     else:
         prior_mu = np.zeros_like(mu)
-    kl = 0.5 * ((mu - prior_mu) ** 2 + np.exp(logvar) - logvar - 1.0).sum(-1)
+    mixture = _mixture(model)
     x = job.x.reshape(n, -1).astype(np.float64)
     std32 = np.exp(np.float32(0.5) * logvar32)
-    bound = _RunningBound(n)
+    bound = _RunningBound(n, mixture)
     k = job.k
     # Each step's noise and its likelihoods are numpy work of ~10 µs a row. The server passes
     # ``offload=asyncio.to_thread`` so that a Score of many rows never holds its event loop
@@ -262,6 +274,10 @@ async def score(
         await offload(
             bound.add, m, rows, x[rows], z32, params, mu[rows], logvar[rows], prior_mu[rows]
         )
+    if mixture is None:
+        kl = 0.5 * ((mu - prior_mu) ** 2 + np.exp(logvar) - logvar - 1.0).sum(-1)
+    else:
+        kl = -bound.sum_log_ratio / k
     log_likelihood = bound.sum_log_px / k
     log_bound = bound.run_max + np.log(bound.run_sum) - math.log(k)
     return Scores(elbo=log_likelihood - kl, log_px=log_bound, log_likelihood=log_likelihood, kl=kl)
@@ -279,17 +295,25 @@ def _score_draws(
 
 class _RunningBound:
     """Per-input accumulators across decoder steps: a running logsumexp of log w (its max and
-    the sum of exp(log w - max)) and the sum of log p(x|z)."""
+    the sum of exp(log w - max)), the sum of log p(x|z), and under a mixture prior the sum of
+    log p(z) - log q(z|x) (the KL's Monte Carlo estimate)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, mixture: sampling.MixturePrior | None = None):
         self.run_max = np.full(n, -np.inf)
         self.run_sum = np.zeros(n)
         self.sum_log_px = np.zeros(n)
+        self.sum_log_ratio = np.zeros(n)
+        self.mixture = mixture
 
     def add(self, m, rows, x, z32, params, mu, logvar, prior_mu) -> None:
         log_px = _log_likelihood(m, x, params)
         z = z32.astype(np.float64)
-        log_w = log_px + _log_normal_diag(z, prior_mu, 0.0) - _log_normal_diag(z, mu, logvar)
+        if self.mixture is None:
+            log_pz = _log_normal_diag(z, prior_mu, 0.0)
+        else:
+            log_pz = self.mixture.log_prob(z)
+        log_ratio = log_pz - _log_normal_diag(z, mu, logvar)
+        log_w = log_px + log_ratio
         first = rows[0]
         local = rows - first
         width = rows[-1] - first + 1
@@ -303,6 +327,8 @@ class _RunningBound:
         )
         self.run_max[part] = new_max
         self.sum_log_px[part] += np.bincount(local, weights=log_px, minlength=width)
+        if self.mixture is not None:
+            self.sum_log_ratio[part] += np.bincount(local, weights=log_ratio, minlength=width)
 
 
 def _score_steps(n: int, k: int, step: int) -> list[tuple[int, int]]:

@@ -8,8 +8,10 @@ The server and the in-process batch job (``vae-generate --local``) both draw fro
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,7 +22,9 @@ __all__ = [
     "OUTPUT_STREAM",
     "ENCODE_STREAM",
     "SCORE_STREAM",
+    "COMPONENT_STREAM",
     "MAX_SEED",
+    "MixturePrior",
     "MAX_ROW_INDEX",
     "new_seed",
     "uniform_rows",
@@ -30,11 +34,13 @@ __all__ = [
 ]
 
 # Independent streams of one seed: latents of Sample, draws from p(x|z), draws from q(z|x)
-# for Encode, and the importance samples of Score (row (start + i) * k + j: draw j of input i).
+# for Encode, the importance samples of Score (row (start + i) * k + j: draw j of input i),
+# and the mixture component of Sample's row i under a mixture prior (one uniform a row).
 LATENT_STREAM = 0
 OUTPUT_STREAM = 1
 ENCODE_STREAM = 2
 SCORE_STREAM = 3
+COMPONENT_STREAM = 4
 
 MAX_SEED = 2**64 - 1
 _WORDS_PER_BLOCK = 4  # Philox4x64 yields four 64-bit words per counter step.
@@ -125,6 +131,54 @@ def normal_rows(seed: int, stream: int, start: int, count: int, width: int) -> n
     return normals.reshape(count, 2 * pairs)[:, :width]
 
 
+@dataclass(frozen=True, eq=False)
+class MixturePrior:
+    """p(z) = Σ_k w_k N(z; m_k, diag exp(logvar_k)): a VampPrior as the exporter wrote it.
+
+    Row i of a seed picks its component from its own uniform, row i of COMPONENT_STREAM
+    (the first k with u < w_1 + ... + w_k), and its noise from row i of LATENT_STREAM, so
+    z_i is a pure function of (seed, i) as for the standard normal prior.
+    """
+
+    means: np.ndarray  # (K, d) float32
+    logvars: np.ndarray  # (K, d) float32
+    weights: np.ndarray  # (K,) float64, summing to 1
+
+    def __post_init__(self) -> None:
+        # float32 σ = exp(½ logvar), as torch's reparameterize computes it.
+        object.__setattr__(self, "_stds", np.exp(np.float32(0.5) * self.logvars))
+        cumulative = np.cumsum(self.weights.astype(np.float64))
+        object.__setattr__(self, "_cumulative", cumulative / cumulative[-1])
+        lv = self.logvars.astype(np.float64)
+        m = self.means.astype(np.float64)
+        var_inv = np.exp(-lv)
+        object.__setattr__(self, "_var_inv", var_inv)
+        object.__setattr__(self, "_mean_var_inv", m * var_inv)
+        with np.errstate(divide="ignore"):  # a zero weight is a component never drawn
+            log_w = np.log(self.weights.astype(np.float64))
+        const = log_w - 0.5 * (m.shape[1] * math.log(2.0 * math.pi) + lv.sum(1))
+        object.__setattr__(self, "_const", const - 0.5 * (m * m * var_inv).sum(1))
+
+    @property
+    def components(self) -> int:
+        return len(self.weights)
+
+    def choose(self, seed: int, start: int, count: int) -> np.ndarray:
+        """(count,) int64: the component of rows start..start+count-1 of ``seed``."""
+        u = uniform_rows(seed, COMPONENT_STREAM, start, count, 1)[:, 0].astype(np.float64)
+        picked = np.searchsorted(self._cumulative, u, side="right")
+        return np.minimum(picked, self.components - 1)
+
+    def log_prob(self, z: np.ndarray) -> np.ndarray:
+        """log p(z) in float64, (...,) for z (..., d): the sums training.model's
+        log_normal_mixture computes (the quadratic form expanded into matrix products)."""
+        z = np.asarray(z, dtype=np.float64)
+        quad = (z * z) @ self._var_inv.T - 2.0 * z @ self._mean_var_inv.T  # (..., K)
+        log_comp = self._const - 0.5 * quad
+        top = log_comp.max(-1, keepdims=True)
+        return (top + np.log(np.exp(log_comp - top).sum(-1, keepdims=True)))[..., 0]
+
+
 def prior_latents(
     latent_dim: int,
     seed: int,
@@ -133,15 +187,21 @@ def prior_latents(
     temperature: float = 1.0,
     labels: np.ndarray | None = None,
     prior_means: np.ndarray | None = None,
+    mixture: MixturePrior | None = None,
 ) -> np.ndarray:
-    """z for samples start..start+count-1: mu_prior + temperature * eps, (count, latent_dim).
+    """z for samples start..start+count-1, (count, latent_dim): mu_prior + temperature * eps,
+    or under a mixture prior m_c + temperature * sigma_c * eps with c row i's component.
 
     Args:
         prior_means: (num_classes, latent_dim) class means of a ``prior`` CVAE, or None for
             the standard normal prior.
         labels: (count,) int64 classes; required with ``prior_means``.
+        mixture: a VAE's learned mixture prior, or None.
     """
     eps = normal_rows(seed, LATENT_STREAM, start, count, latent_dim)  # (count, d)
+    if mixture is not None:
+        c = mixture.choose(seed, start, count)
+        return mixture.means[c] + (mixture._stds[c] * np.float32(temperature)) * eps
     z = eps * np.float32(temperature)
     if prior_means is not None:
         assert labels is not None, "a class-mean prior needs labels"

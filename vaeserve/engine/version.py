@@ -14,9 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve.engine.runner import OnnxRunner
-from vaeserve.manifest import ModelManifest, TensorSpec, check_graph_io, load_version_manifest
+from vaeserve.engine.sampling import MixturePrior
+from vaeserve.manifest import (
+    ModelManifest,
+    TensorSpec,
+    check_graph_io,
+    load_version_manifest,
+    read_mixture,
+)
 
-__all__ = ["OpenVersion", "GraphOpener", "open_version", "prior_means"]
+__all__ = ["OpenVersion", "GraphOpener", "open_version", "prior_means", "mixture_prior"]
 
 GraphOpener = Callable[[Path], OnnxRunner]
 # Rows of the warm-up runs: the first run allocates, the larger one sizes the arenas.
@@ -32,6 +39,7 @@ class OpenVersion:
     path: Path
     encoder: OnnxRunner
     decoder: OnnxRunner
+    prior: MixturePrior | None = None  # a learned mixture prior's numbers (manifest 'prior')
 
 
 def open_version(folder: Path, open_graph: GraphOpener, max_warmup_rows: int = 64) -> OpenVersion:
@@ -47,6 +55,7 @@ def open_version(folder: Path, open_graph: GraphOpener, max_warmup_rows: int = 6
         ProviderUnavailable / OSError: a graph cannot be opened.
     """
     manifest = load_version_manifest(folder)
+    prior = mixture_prior(manifest, folder)
     runners = {}
     for role, spec in (("encoder", manifest.encoder), ("decoder", manifest.decoder)):
         runner = open_graph(folder / spec.file)
@@ -58,7 +67,7 @@ def open_version(folder: Path, open_graph: GraphOpener, max_warmup_rows: int = 6
         runners[role] = runner
     # What write_manifest wrote, without reading the file a second time.
     text = json.dumps(manifest.to_dict(), indent=2) + "\n"
-    return OpenVersion(manifest, text, folder, runners["encoder"], runners["decoder"])
+    return OpenVersion(manifest, text, folder, runners["encoder"], runners["decoder"], prior)
 
 
 def prior_means(manifest: ModelManifest) -> np.ndarray | None:
@@ -66,6 +75,21 @@ def prior_means(manifest: ModelManifest) -> np.ndarray | None:
     if manifest.prior_means is None:
         return None
     return np.asarray(manifest.prior_means, dtype=np.float32)
+
+
+def mixture_prior(manifest: ModelManifest, folder: Path) -> MixturePrior | None:
+    """The mixture prior named by the manifest's ``prior`` field, read from ``folder``
+    (whose checksums ``load_version_manifest`` has verified); None without one.
+
+    Raises:
+        ManifestError: the file's arrays disagree with the manifest.
+    """
+    if manifest.prior is None:
+        return None
+    means, logvars, weights = read_mixture(
+        Path(folder) / manifest.prior.file, manifest.prior, manifest.latent_dim
+    )
+    return MixturePrior(means, logvars, weights)
 
 
 def _zeros(inputs: Mapping[str, TensorSpec], rows: int) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ package must stay free of torch and onnx: the serving install has neither. Its p
 ``schema`` (what a manifest holds and the rules its fields obey), ``graphs`` (how it declares
 one graph's tensors), ``fields`` (typed reading of JSON fields), ``files`` (manifest.json and
 version folders on disk) and ``checking`` (a manifest against its graph files and the graphs'
-real inputs and outputs).
+real inputs and outputs) and ``prior`` (a learned mixture prior's field and file).
 """
 
 from vaeserve.errors import ManifestError
@@ -21,10 +21,12 @@ from vaeserve.manifest.files import (
     write_manifest,
 )
 from vaeserve.manifest.graphs import GraphSpec, TensorSpec
+from vaeserve.manifest.prior import PRIOR_FILE, PriorSpec, read_mixture, write_mixture
 from vaeserve.manifest.schema import (
     DECODER_OUTPUTS,
     LIKELIHOODS,
     MANIFEST_FORMAT_VERSION,
+    MIXTURE_FORMAT_VERSION,
     ModelManifest,
     mean_output_name,
     validate_model_name,
@@ -33,6 +35,11 @@ from vaeserve.manifest.schema import (
 __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_FORMAT_VERSION",
+    "MIXTURE_FORMAT_VERSION",
+    "PRIOR_FILE",
+    "PriorSpec",
+    "read_mixture",
+    "write_mixture",
     "FILE_MODE",
     "DIR_MODE",
     "DECODER_OUTPUTS",

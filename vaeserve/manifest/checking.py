@@ -30,20 +30,24 @@ def sha256_of_file(path: str | os.PathLike[str]) -> str:
 
 
 def verify_files(manifest: ModelManifest, version_dir: str | os.PathLike[str]) -> None:
-    """Check that each graph file exists and matches its recorded sha256.
+    """Check that each graph file (and a mixture prior's file) exists and matches its recorded
+    sha256.
 
     Raises:
         ManifestError: naming the file that is missing or differs.
     """
     version_dir = Path(version_dir)
-    for role, graph in (("encoder", manifest.encoder), ("decoder", manifest.decoder)):
-        path = version_dir / graph.file
+    files = [(f"{role} graph", role, getattr(manifest, role)) for role in ("encoder", "decoder")]
+    if manifest.prior is not None:
+        files.append(("prior", "prior", manifest.prior))
+    for what, field, spec in files:
+        path = version_dir / spec.file
         if not path.is_file():
-            raise ManifestError(f"{path}: {role} graph file is missing")
+            raise ManifestError(f"{path}: {what} file is missing")
         actual = sha256_of_file(path)
-        if actual != graph.sha256:
+        if actual != spec.sha256:
             raise ManifestError(
-                f"{path}: sha256 is {actual}, manifest field '{role}.sha256' says {graph.sha256}"
+                f"{path}: sha256 is {actual}, manifest field '{field}.sha256' says {spec.sha256}"
             )
 
 

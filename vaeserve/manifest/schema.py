@@ -16,9 +16,11 @@ from typing import Any, Literal
 from vaeserve.errors import ManifestError
 from vaeserve.manifest.fields import FieldReader
 from vaeserve.manifest.graphs import DTYPES, GraphSpec, TensorSpec, read_graph
+from vaeserve.manifest.prior import PriorSpec, read_prior
 
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
+    "MIXTURE_FORMAT_VERSION",
     "DECODER_OUTPUTS",
     "LIKELIHOODS",
     "mean_output_name",
@@ -27,6 +29,10 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT_VERSION = 1
+# A version with a learned mixture prior (field 'prior') is written as format 2, so that a
+# vaeserve older than the field refuses it instead of serving it with N(0, I); every other
+# version is still written as format 1, byte for byte as before.
+MIXTURE_FORMAT_VERSION = 2
 
 _KINDS = ("vae", "cvae")
 _CONDITIONINGS = ("concat", "prior")
@@ -75,6 +81,8 @@ class ModelManifest:
     """Everything the server and clients know about one model version.
 
     ``prior_means`` is set for a ``prior`` CVAE: z of class y is drawn from N(prior_means[y], I).
+    ``prior`` is set for a VAE with a learned mixture prior (``vaeserve.manifest.prior``);
+    without either, p(z) is N(0, I).
     """
 
     name: str
@@ -93,6 +101,7 @@ class ModelManifest:
     opset: int
     gaussian_sigma: float | None = None
     prior_means: tuple[tuple[float, ...], ...] | None = None
+    prior: PriorSpec | None = None
     producers: dict[str, str] = field(default_factory=dict)
     training_metrics: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
@@ -113,9 +122,13 @@ class ModelManifest:
     def decoder_takes_label(self) -> bool:
         return "y" in self.decoder.inputs
 
+    @property
+    def format_version(self) -> int:
+        return MANIFEST_FORMAT_VERSION if self.prior is None else MIXTURE_FORMAT_VERSION
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format_version": MANIFEST_FORMAT_VERSION,
+            "format_version": self.format_version,
             "name": self.name,
             "version": self.version,
             "kind": self.kind,
@@ -131,6 +144,7 @@ class ModelManifest:
             "prior_means": None
             if self.prior_means is None
             else [list(row) for row in self.prior_means],
+            **({} if self.prior is None else {"prior": self.prior.to_dict()}),
             "opset": self.opset,
             "encoder": self.encoder.to_dict(),
             "decoder": self.decoder.to_dict(),
@@ -150,10 +164,18 @@ class ModelManifest:
         """
         r = FieldReader(data, source)
         fmt = r.int("format_version", minimum=1)
-        if fmt != MANIFEST_FORMAT_VERSION:
+        if fmt not in (MANIFEST_FORMAT_VERSION, MIXTURE_FORMAT_VERSION):
             raise ManifestError(
                 f"{source}: format_version is {fmt}, this vaeserve reads "
-                f"{MANIFEST_FORMAT_VERSION}; re-export the model with this version"
+                f"{MANIFEST_FORMAT_VERSION} and {MIXTURE_FORMAT_VERSION}; re-export the model "
+                "with this version"
+            )
+        prior = read_prior(data.get("prior"), source)
+        if fmt != (MANIFEST_FORMAT_VERSION if prior is None else MIXTURE_FORMAT_VERSION):
+            raise ManifestError(
+                f"{source}: format_version is {fmt}, expected {MIXTURE_FORMAT_VERSION} with a "
+                f"mixture prior (field 'prior') and {MANIFEST_FORMAT_VERSION} without one; "
+                f"this manifest {'has' if prior else 'has no'} 'prior'"
             )
         kind = r.choice("kind", _KINDS)
         conditioning = r.choice("conditioning", _CONDITIONINGS, optional=kind == "vae")
@@ -178,6 +200,7 @@ class ModelManifest:
             likelihood=likelihood,
             gaussian_sigma=r.positive_float("gaussian_sigma", optional=likelihood != "gaussian"),
             prior_means=_prior_means(r, conditioning == "prior", num_classes, latent_dim),
+            prior=prior,
             opset=r.int("opset", minimum=7),
             encoder=read_graph(r, "encoder"),
             decoder=read_graph(r, "decoder"),
@@ -187,6 +210,11 @@ class ModelManifest:
             created_at=str(data.get("created_at", "")),
             source=r.mapping("source"),
         )
+        if prior is not None and kind != "vae":
+            raise ManifestError(
+                f"{source}: field 'prior' is a mixture, expected null for kind {kind!r} (a "
+                "CVAE's prior is N(0, I) or its class means)"
+            )
         _check_graph_contract(manifest, source)
         return manifest
 
