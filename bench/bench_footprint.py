@@ -68,7 +68,8 @@ class Server:
     def __init__(self, repository: Path, model: str, log: Path, *flags: str):
         self.port = free_port()
         command = [sys.executable, "-c", _SERVE, "--repository", str(repository)]
-        command += ["--models", model, "--port", str(self.port), "--device", "cpu", *flags]
+        command += ["--models", model, "--port", str(self.port), "--http-port", "off"]
+        command += ["--device", "cpu", *flags]
         start = time.perf_counter()
         with open(log, "w") as f:
             self.process = subprocess.Popen(command, stderr=f)

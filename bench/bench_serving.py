@@ -189,6 +189,8 @@ class ServerProcess:
             model,
             "--port",
             "0",
+            "--http-port",
+            "off",
             "--device",
             "cpu",
             *flags,

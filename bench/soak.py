@@ -130,6 +130,7 @@ class Server:
     def __init__(self, repository: Path, models: list[str], log: Path, flags: list[str]):
         command = [sys.executable, "-c", _SERVE, "--repository", str(repository)]
         command += ["--models", ",".join(models), "--host", "127.0.0.1", "--port", "0"]
+        command += ["--http-port", "off"]
         command += ["--device", "cpu", *flags]
         self.log = log
         with open(log, "w") as f:

@@ -1,6 +1,7 @@
-"""The gRPC server: builds it, starts it, loads the models, and shuts it down gracefully.
+"""The server: builds it, starts it, loads the models, and shuts it down gracefully.
 
-Run: vae-serve --repository models [--host 0.0.0.0] [--port 8001] [--device auto|cpu|cuda]
+Run: vae-serve --repository models [--host 0.0.0.0] [--port 8001] [--http-port 8000|off]
+               [--device auto|cpu|cuda]
                [--max-batch-size 1024] [--max-queue-delay-ms 1]
                [--queue-delay-policy adaptive|always] [--instances N] [--metrics-port 9090]
                [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-token-file F]
@@ -10,11 +11,14 @@ One port carries the typed API, the Open Inference Protocol (KServe v2, with Tri
 ModelConfig), the standard ``grpc.health.v1`` service (NOT_SERVING until every model is loaded
 and warm) and server reflection; each front end is a ``ServiceAdder`` in ``SERVICES``.
 Cross-cutting concerns are interceptors: the request observer (metrics, one log line per
-failed call), then bearer-token auth. Prometheus metrics are served on their own HTTP port.
+failed call), then bearer-token auth, then the server-wide bounds. ``--http-port`` (on by
+default for the command, off for settings built in code) also serves the Open Inference
+Protocol over REST (server/rest.py), with the same protocol core, token, TLS files, bounds
+and metrics, on the same event loop. Prometheus metrics are served on their own HTTP port.
 SIGHUP (and ``--reload-interval``) rescans the repository (server/reload.py). SIGTERM: health
-goes NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get ``grace_period_s`` to
-finish, the process exits 0. ``--workers N`` (N > 1) runs N such processes on one port under a
-supervisor (server/workers.py).
+goes NOT_SERVING, new calls get UNAVAILABLE (REST: 503), in-flight calls get
+``grace_period_s`` to finish, the process exits 0. ``--workers N`` (N > 1) runs N such
+processes on one port (and one REST port) under a supervisor (server/workers.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import platform
 import signal
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from vaeserve.engine.runner import ProviderUnavailable, runner_factory
 from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
+from vaeserve.server import model_control
 from vaeserve.server.handlers import add_service
 from vaeserve.server.inference_protocol import GRAPHS, InferenceProtocol
 from vaeserve.server.limits import RequestLimits
@@ -46,6 +52,9 @@ from vaeserve.server.repository import ModelRegistry, RepositoryError
 from vaeserve.server.security import BearerTokenInterceptor, read_token, server_credentials
 from vaeserve.server.servicer import VaeServicer
 from vaeserve.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from vaeserve.server.rest import RestFrontend
 
 __all__ = ["ServiceAdder", "SERVICES", "VaeServer", "create_server", "serve", "run"]
 
@@ -91,7 +100,8 @@ SERVICES: tuple[ServiceAdder, ...] = (add_typed_api, add_inference_protocol)
 
 
 class VaeServer:
-    """A grpc.aio server and what it serves: the registry and the health service."""
+    """A grpc.aio server and what it serves: the registry and the health service; and the
+    REST front end when there is one."""
 
     def __init__(
         self,
@@ -101,22 +111,24 @@ class VaeServer:
         service_names: Sequence[str],
         port: int,
         settings: ServerSettings,
+        rest: RestFrontend | None = None,
     ):
         """Args:
         settings: also the metrics port, its TLS files and the reload interval.
+        rest: the protocol's REST front end, its port already bound; None: no REST port.
         """
         self.grpc_server = grpc_server
         self.registry = registry
         self.health = health_servicer
         self.port = port
+        self.rest = rest
+        self.http_port: int | None = None if rest is None else rest.port
         self.metrics_port: int | None = None  # once start() has bound it
         self._settings = settings
         self._service_names = list(service_names)
         self._load_task: asyncio.Task[None] | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
-        self.reloader = Reloader(
-            registry, settings.repository, settings.models, settings.reload_interval_s
-        )
+        self.reloader: Reloader = model_control.reloader(registry, settings)  # by mode
         self._stopped = False
 
     async def start(self) -> None:
@@ -129,11 +141,16 @@ class VaeServer:
             )
             self.metrics_port = self._metrics_endpoint.port
         await self.grpc_server.start()
+        if self.rest is not None:
+            await self.rest.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="load")
 
     async def _load(self) -> None:
         await self.registry.load()
-        if self.registry.count() == 0:
+        # Explicit mode may start empty (models come through the repository API), unless
+        # the models it was told to load all failed.
+        explicit = self._settings.model_control_mode == "explicit"
+        if self.registry.count() == 0 and (not explicit or self._settings.models):
             raise RepositoryError("no model version could be loaded; see the errors above")
         for name in ("", *self._service_names):
             await self.health.set(name, SERVING)
@@ -169,7 +186,11 @@ class VaeServer:
             logger.warning(
                 "%d call(s) did not finish within the grace period", self.registry.in_flight
             )
-        await self.grpc_server.stop(None if end is None else max(0.0, end - loop.time()))
+        left = None if end is None else max(0.0, end - loop.time())
+        if self.rest is None:
+            await self.grpc_server.stop(left)
+        else:
+            await asyncio.gather(self.grpc_server.stop(left), self.rest.stop(left))
         await self.registry.close()
         if self._load_task is not None:  # collect its outcome: cancelled, failed or done
             await asyncio.gather(self._load_task, return_exceptions=True)
@@ -205,7 +226,7 @@ async def create_server(
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
 ) -> tuple[VaeServer, int]:
-    """Build the server and bind its port; call ``start()`` on the result to serve.
+    """Build the server and bind its ports; call ``start()`` on the result to serve.
 
     Must run inside the event loop that will serve it (grpc.aio binds to it).
 
@@ -217,13 +238,14 @@ async def create_server(
         reuse_port: share the port with other processes that set it too (``--workers``).
 
     Returns:
-        (server, port): port is the bound one (useful with ``settings.port == 0``).
+        (server, port): port is the bound gRPC one (useful with ``settings.port == 0``); the
+        REST one is ``server.http_port``.
 
     Raises:
         ProviderUnavailable: ``settings.device`` is "cuda" and CUDA is not available.
         RepositoryError: the repository folder does not exist.
         ValueError: a TLS or token file that is missing, unreadable or malformed.
-        RuntimeError: the address cannot be bound.
+        RuntimeError: an address cannot be bound.
     """
     open_graph = runner_factory(
         settings.device, settings.intra_op_threads, settings.inter_op_threads
@@ -243,7 +265,8 @@ async def create_server(
     if settings.auth_token_file is not None:
         guards.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
     # Inside the token check: a caller without the token is never counted nor parsed.
-    guards.append(RequestLimits(settings))
+    limits = RequestLimits(settings)
+    guards.append(limits)
     grpc_server = grpc.aio.server(
         interceptors=[*guards, *interceptors],
         options=[
@@ -270,7 +293,17 @@ async def create_server(
         port = grpc_server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
-    return VaeServer(grpc_server, registry, health_servicer, names, port, settings), port
+    rest = None
+    if settings.http_port is not None:
+        # Imported here: a server without a REST port never loads aiohttp.
+        from vaeserve.server.rest import RestFrontend
+
+        token = None if settings.auth_token_file is None else read_token(settings.auth_token_file)
+        rest = RestFrontend(
+            protocol, settings, registry.metrics, limits, _model_label(registry), token, reuse_port
+        )
+    server = VaeServer(grpc_server, registry, health_servicer, names, port, settings, rest)
+    return server, port
 
 
 def connection_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -338,6 +371,8 @@ async def serve(
     server, port = await create_server(settings, reuse_port=reuse_port)
     await server.start()
     logger.info("listening on %s", _address(settings.host, port))
+    if server.rest is not None:  # after gRPC's line, which tools read the port from
+        logger.info("REST listening on %s", server.rest.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,9 +7,10 @@ their wire formats and map errors to their status codes. So both transports reso
 check tensors and word their errors in one place.
 
 Each model version is served as one protocol model per kind (server/protocol_models.py):
-``NAME-encoder``, ``NAME-decoder`` and ``NAME-scorer``. Inference goes through the same
-batchers as the typed API. Also answers Triton's ``ModelConfig`` (its tools call it before
-inferring) and ``ModelStatistics``, read from the server's metrics.
+``NAME-encoder``, ``NAME-decoder``, ``NAME-scorer`` and ``NAME-sampler``. Inference goes
+through the same batchers as the typed API. Also answers Triton's ``ModelConfig`` (its tools call it before
+inferring), ``ModelStatistics``, read from the server's metrics, and its repository API
+(index, load, unload) through ``ModelControl`` (server/model_control.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from vaeserve.proto.inference import grpc_service_pb2 as pb
 from vaeserve.proto.inference import model_config_pb2 as config_pb
 from vaeserve.server import oip_convert as convert
 from vaeserve.server.metrics import GraphKey, ServerMetrics
+from vaeserve.server.model_control import ModelControl
+from vaeserve.server.oip_sampler import SamplerKind
 from vaeserve.server.protocol_models import (
     Answer,
     GraphKind,
@@ -35,11 +38,12 @@ from vaeserve.server.settings import ServerSettings
 __all__ = ["KINDS", "GRAPHS", "EXTENSIONS", "Inference", "InferenceProtocol", "split_name"]
 
 KINDS: dict[str, ProtocolModelKind] = {
-    kind.suffix: kind for kind in (GraphKind("encoder"), GraphKind("decoder"), ScorerKind())
+    kind.suffix: kind
+    for kind in (GraphKind("encoder"), GraphKind("decoder"), ScorerKind(), SamplerKind())
 }
 # The protocol models' suffixes (app.py labels metrics by them).
 GRAPHS = tuple(KINDS)
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
 _TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
 
 
@@ -97,8 +101,15 @@ def _tensors(specs: dict[str, TensorSpec]) -> list[_TensorMetadata]:
 class InferenceProtocol:
     """Serves every model of ``registry`` as one protocol model per kind."""
 
-    def __init__(self, registry: ModelRegistry, settings: ServerSettings, metrics: ServerMetrics):
+    def __init__(
+        self, registry: ModelRegistry, settings: ServerSettings, metrics: ServerMetrics,
+        control: ModelControl | None = None,
+    ):  # fmt: skip
+        """Args:
+        control: answers the repository API; None: one of its own over ``registry``.
+        """
         self.registry = registry
+        self.control = control or ModelControl(registry, settings, suffixes=KINDS)
         self._settings = settings
         self._metrics = metrics
         try:
@@ -159,30 +170,40 @@ class InferenceProtocol:
         batching = self._settings.batching
         # Triton's max_batch_size bounds the batch axis of one request: ours is the request
         # row limit. Larger runs are never formed; the batcher merges and splits up to
-        # batching.max_batch_size rows per run.
+        # batching.max_batch_size rows per run. A kind whose tensors have no per-row shape
+        # declares full shapes and max_batch_size 0 instead (its rows still batch here).
         limit = min(self._settings.max_samples_per_request, 2**31 - 1)
+        implicit = kind.implicit_batch_axis
         group = config_pb.ModelInstanceGroup
         instance_kind = group.KIND_GPU if model.provider.startswith("CUDA") else group.KIND_CPU
         types = convert.CONFIG_TYPES
-        return config_pb.ModelConfig(
+
+        def dims(spec: TensorSpec) -> tuple[int, ...]:
+            return spec.shape[1:] if implicit else spec.shape
+
+        config = config_pb.ModelConfig(
             name=name,
             platform=kind.platform,
             backend=kind.backend,
-            max_batch_size=limit,
+            max_batch_size=limit if implicit else 0,
             input=[
-                config_pb.ModelInput(name=n, data_type=types[s.dtype], dims=s.shape[1:])
+                config_pb.ModelInput(name=n, data_type=types[s.dtype], dims=dims(s))
                 for n, s in kind.inputs(model).items()
             ],
             output=[
-                config_pb.ModelOutput(name=n, data_type=types[s.dtype], dims=s.shape[1:])
+                config_pb.ModelOutput(name=n, data_type=types[s.dtype], dims=dims(s))
                 for n, s in kind.outputs(model).items()
             ],
-            dynamic_batching=config_pb.ModelDynamicBatching(
-                preferred_batch_size=[min(batching.max_batch_size, limit)],
-                max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000),
-            ),
             instance_group=[group(kind=instance_kind, count=kind.batcher(model).instances)],
         )
+        if implicit:  # Triton allows dynamic batching only with an implicit batch axis
+            config.dynamic_batching.CopyFrom(
+                config_pb.ModelDynamicBatching(
+                    preferred_batch_size=[min(batching.max_batch_size, limit)],
+                    max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000),
+                )
+            )
+        return config
 
     async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> Inference:
         """Answer one ModelInfer request (the outputs still arrays, for the transport).
@@ -221,7 +242,10 @@ class InferenceProtocol:
         ]
 
     def _statistics(self, served: _Served) -> pb.ModelStatistics:
-        s = self._metrics.graph_statistics(served.key)
+        # The batcher's numbers: NAME-scorer and NAME-sampler report the decoder's, whose
+        # queue and runs their rows share (their own calls are counted by rpc and model).
+        m = served.model.manifest
+        s = self._metrics.graph_statistics(GraphKey(m.name, m.version, served.kind.graph))
         compute = pb.StatisticDuration(count=s.compute_count, ns=s.compute_ns)
         return pb.ModelStatistics(
             name=f"{served.key.model}-{served.kind.suffix}",
@@ -238,3 +262,50 @@ class InferenceProtocol:
                 compute_output=pb.StatisticDuration(count=s.compute_count),
             ),
         )
+
+    async def repository_index(
+        self, request: pb.RepositoryIndexRequest
+    ) -> pb.RepositoryIndexResponse:
+        """Every model folder's versions, on disk or loaded, with Triton's state words."""
+        _one_repository(request.repository_name)
+        entries = await self.control.index(request.ready)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(name=e.name, version="" if e.version is None else str(e.version),
+                      state=e.state, reason=e.reason)
+                for e in entries
+            ]
+        )  # fmt: skip
+
+    async def repository_model_load(
+        self, request: pb.RepositoryModelLoadRequest
+    ) -> pb.RepositoryModelLoadResponse:
+        """Load (or reload) a model folder; returns once its versions serve."""
+        _one_repository(request.repository_name)
+        await self.control.load(request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(
+        self, request: pb.RepositoryModelUnloadRequest
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Unload every version of a model folder; returns once its calls in flight are done."""
+        _one_repository(request.repository_name)
+        await self.control.unload(request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _one_repository(name: str) -> None:
+    if name:
+        raise InvalidRequest(
+            f"repository_name: expected '' (this server has one repository), got {name!r}"
+        )
+
+
+def _parameters(parameters) -> dict[str, object]:
+    """A repository request's parameters as Python values (None: a parameter with no value)."""
+    values: dict[str, object] = {}
+    for name, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        values[name] = None if choice is None else getattr(parameter, choice)
+    return values

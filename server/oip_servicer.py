@@ -70,3 +70,15 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @map_errors
     async def ModelStatistics(self, request, context):
         return self._protocol.statistics(request.name, request.version)
+
+    @map_errors
+    async def RepositoryIndex(self, request, context):
+        return await self._protocol.repository_index(request)
+
+    @map_errors
+    async def RepositoryModelLoad(self, request, context):
+        return await self._protocol.repository_model_load(request)
+
+    @map_errors
+    async def RepositoryModelUnload(self, request, context):
+        return await self._protocol.repository_model_unload(request)

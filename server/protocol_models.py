@@ -1,8 +1,9 @@
 """What ``NAME-<kind>`` means in the Open Inference Protocol: one class per kind of protocol model.
 
 Each loaded model version appears as several protocol models. ``NAME-encoder`` and
-``NAME-decoder`` are the graphs, their tensors exactly the manifest's; ``NAME-scorer`` is the
-typed API's ``Score`` (x and, for a CVAE, y in; k, seed and start_index as request parameters;
+``NAME-decoder`` are the graphs, their tensors exactly the manifest's; ``NAME-sampler`` is the
+typed API's ``Sample`` by sample index (server/oip_sampler.py); ``NAME-scorer`` is the typed
+API's ``Score`` (x and, for a CVAE, y in; k, seed and start_index as request parameters;
 elbo, log_px, log_likelihood and kl out, FP64), checked by ``validate_score`` and run by
 ``pipeline.score`` as ``Score`` is. A kind knows its tensors, its platform, the batcher whose
 queue it shares, and how to answer one request; it knows nothing of the transport, so gRPC
@@ -53,13 +54,22 @@ class ProtocolModelKind(Protocol):
     @property
     def backend(self) -> str: ...
 
+    @property
+    def graph(self) -> str:
+        """The graph whose batcher runs this kind's rows ("encoder" or "decoder"): its queue,
+        instances and statistics are this kind's."""
+        ...
+
+    @property
+    def implicit_batch_axis(self) -> bool:
+        """Whether every tensor has a shape per row, as Triton's max_batch_size > 0 needs."""
+        ...
+
     def inputs(self, model: LoadedModel) -> dict[str, TensorSpec]: ...
 
     def outputs(self, model: LoadedModel) -> dict[str, TensorSpec]: ...
 
-    def batcher(self, model: LoadedModel) -> DynamicBatcher:
-        """The batcher whose queue this kind's rows go through (instance counts, statistics)."""
-        ...
+    def batcher(self, model: LoadedModel) -> DynamicBatcher: ...
 
     async def infer(
         self,
@@ -83,6 +93,11 @@ class GraphKind:
     suffix: str  # "encoder" | "decoder"
     platform: str = PLATFORM
     backend: str = "onnxruntime"
+    implicit_batch_axis: bool = True
+
+    @property
+    def graph(self) -> str:
+        return self.suffix
 
     def inputs(self, model: LoadedModel) -> dict[str, TensorSpec]:
         return getattr(model.manifest, self.suffix).inputs
@@ -91,7 +106,7 @@ class GraphKind:
         return getattr(model.manifest, self.suffix).outputs
 
     def batcher(self, model: LoadedModel) -> DynamicBatcher:
-        return getattr(model, self.suffix)
+        return getattr(model, self.graph)
 
     async def infer(
         self,
@@ -119,6 +134,8 @@ class ScorerKind:
     suffix: str = "scorer"
     platform: str = SERVER_PLATFORM
     backend: str = SERVER_PLATFORM
+    graph: str = "decoder"  # the scorer's steps are decoder rows
+    implicit_batch_axis: bool = True
 
     def inputs(self, model: LoadedModel) -> dict[str, TensorSpec]:
         return convert.scorer_inputs(model.manifest)
@@ -127,7 +144,7 @@ class ScorerKind:
         return convert.scorer_outputs()
 
     def batcher(self, model: LoadedModel) -> DynamicBatcher:
-        return model.decoder  # the scorer's steps are decoder rows
+        return getattr(model, self.graph)
 
     async def infer(
         self,

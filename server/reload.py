@@ -9,6 +9,9 @@ and remembered with a fingerprint of its files, so it is retried only once those
 versions already served keep serving.
 
 Rescans run every ``interval_s`` seconds and on ``trigger()`` (wired to SIGHUP), one at a time.
+In model control mode "explicit" (server/model_control.py) a rescan only refreshes what is
+loaded: it retries failed versions whose files changed and unloads versions whose folders are
+gone, but never adds a model or a version, since only the repository API decides those.
 """
 
 from __future__ import annotations
@@ -130,16 +133,19 @@ class Reloader:
 
     def __init__(
         self, target: ReloadTarget, root: Path, names: Iterable[str] = (),
-        interval_s: float = 0.0,
+        interval_s: float = 0.0, lock: asyncio.Lock | None = None, refresh_only: bool = False,
     ):  # fmt: skip
         """Args:
         interval_s: seconds between periodic rescans; 0 rescans only when triggered.
+        lock: held while a rescan changes ``target``, shared with whatever else changes it.
+        refresh_only: rescan only the versions ``target`` serves or failed to load.
         """
         self._target = target
         self._root = Path(root)
         self._names = tuple(names)
         self._interval_s = interval_s
-        self._lock = asyncio.Lock()
+        self._lock = lock or asyncio.Lock()
+        self._refresh_only = refresh_only
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,12 +153,21 @@ class Reloader:
     async def rescan(self) -> ReloadPlan:
         """Scan once and apply the changes; returns what was planned."""
         async with self._lock:
+            served, failed = list(self._target.served()), self._target.failed()
+            names = self._names
+            if self._refresh_only:
+                known = {*served, *failed}
+                names = tuple(sorted({name for name, _ in known}))
+                if not names:  # scan_repository would take no names for all of them
+                    return ReloadPlan()
             try:
-                on_disk = await asyncio.to_thread(scan_repository, self._root, self._names)
+                on_disk = await asyncio.to_thread(scan_repository, self._root, names)
             except OSError as exc:
                 logger.error("rescan of %s failed, serving what is loaded: %s", self._root, exc)
                 return ReloadPlan()
-            plan = plan_reload(on_disk, self._target.served(), self._target.failed())
+            if self._refresh_only:
+                on_disk = {key: v for key, v in on_disk.items() if key in known}
+            plan = plan_reload(on_disk, served, failed)
             for version in plan.load:
                 await self._target.load_version(version)
             # Unloads drain concurrently: one long-running request must not delay the others.

@@ -6,10 +6,12 @@ the manifest), warmed up, and given one batcher per graph. A version that fails 
 is logged and reported as FAILED while the others serve; ``latest`` is the highest loaded
 version. Servicers (the typed API, the Open Inference Protocol) share one registry.
 
-Hot reload (server/reload.py) adds and removes versions while serving: a new version is
-loaded and warmed up beside the served ones, then registered in one step; a removed one is
-taken out of ``get`` at once and stops only when the calls that hold it through ``use`` are
-done. Load states go to the metrics, and each load, failed load and unload is one log line.
+Hot reload (server/reload.py) and the repository API (server/model_control.py) add, replace
+and remove versions while serving, one change at a time (``changes``): a new version is
+loaded and warmed up beside the served ones, then registered in one step; a replaced or
+removed one is taken out of ``get`` at once and stops only when the calls that hold it
+through ``use`` are done. Load states go to the metrics, and each load, failed load and
+unload is one log line.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve.engine.runner import CPU_PROVIDER, OnnxRunner
+from vaeserve.engine.sampling import MixturePrior
 from vaeserve.engine.version import GraphOpener, OpenVersion, open_version, prior_means
 from vaeserve.errors import ModelNotFound, NotServing, ProviderUnavailable, RepositoryError
 from vaeserve.manifest import (
@@ -66,6 +69,7 @@ class LoadedModel:
     decoder: DynamicBatcher
     prior_means: np.ndarray | None  # (num_classes, latent_dim) float32 for a prior CVAE
     manifest_json: str  # the file's text, verbatim, for GetModelInfo
+    prior_mixture: MixturePrior | None = None  # a VAE's learned mixture prior (prior.npz)
 
 
 class ModelRegistry:
@@ -88,8 +92,13 @@ class ModelRegistry:
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._status: dict[tuple[str, int], VersionStatus] = {}
         self._failed: dict[VersionKey, Fingerprint] = {}  # retried once their files change
-        self._users: collections.Counter[VersionKey] = collections.Counter()  # calls in use()
-        self._idle: dict[VersionKey, asyncio.Event] = {}  # set when an unloading one is unused
+        self._prints: dict[VersionKey, Fingerprint] = {}  # of the files each served one came from
+        # By LoadedModel identity, not (name, version): a replaced version and its successor
+        # share the key, and only the old one's calls are waited for.
+        self._users: collections.Counter[int] = collections.Counter()  # calls in use()
+        self._idle: dict[int, asyncio.Event] = {}  # set when a retired version is unused
+        # Rescans and repository API calls change the served versions one at a time.
+        self.changes = asyncio.Lock()
         self._ready = False
         self._draining = False
         self._in_flight = 0  # calls inside use(), so that shutdown can wait for them
@@ -110,7 +119,10 @@ class ModelRegistry:
         root = self._settings.repository
         if not root.is_dir():
             raise RepositoryError(f"repository {root} is not a folder")
-        names = self._settings.models or sorted(p.name for p in root.iterdir() if p.is_dir())
+        names = self._settings.models
+        # Triton's "--load-model *": every model, as without --models in the other modes.
+        if names == ("*",) or (not names and self._settings.model_control_mode != "explicit"):
+            names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
         missing = [n for n in names if not (root / n).is_dir()]
         if missing:
             raise RepositoryError(f"models {missing} have no folder in repository {root}")
@@ -139,30 +151,51 @@ class ModelRegistry:
         self._set(version.name, version.version, "loading")
         return await self._load_folder(version.path, version.fingerprint)
 
+    async def replace_version(self, version: VersionOnDisk) -> str:
+        """Serve a served version's changed files instead of the ones it was loaded from:
+        loaded and warmed up beside the old ones, then swapped in; calls already in ``use``
+        finish on the old ones.
+
+        Returns:
+            "" once the new files serve; else why they could not (the old files serve on).
+        """
+        old = self._models[version.name][version.version]
+        try:
+            sessions = await self._open_folder(version.path)
+        except Exception as exc:  # noqa: BLE001 - the served files keep serving
+            _log_failed(version.path, exc)
+            return str(exc)
+        if self._draining:
+            return "the server is shutting down"
+        await self._add(sessions, version.fingerprint)
+        await self._retire(old, version.key, unloading=False)
+        return ""
+
     async def _load_folder(self, folder: Path, prints: Fingerprint) -> bool:
         name, version = folder.parent.name, int(folder.name)
+        try:
+            sessions = await self._open_folder(folder)
+        except Exception as exc:  # noqa: BLE001 - one bad version must not stop the rest
+            _log_failed(folder, exc)
+            self._set(name, version, "failed", str(exc))
+            self._failed[(name, version)] = prints
+            return False
+        if self._draining:
+            return False
+        self._failed.pop((name, version), None)
+        await self._add(sessions, prints)
+        return True
+
+    async def _open_folder(self, folder: Path) -> OpenVersion:
         loop = asyncio.get_running_loop()
         pool = ThreadPoolExecutor(1, thread_name_prefix="vaeserve-loader")
         try:
             rows = self._settings.batching.max_batch_size
-            sessions = await loop.run_in_executor(pool, open_version, folder, self._open, rows)
-        except Exception as exc:  # noqa: BLE001 - one bad version must not stop the rest
-            logger.error(
-                "skipping %s: %s", folder, exc, exc_info=not _expected(exc),
-                extra={"event": "model_load_failed", "model": name, "version": version},
-            )  # fmt: skip
-            self._set(name, version, "failed", str(exc))
-            self._failed[(name, version)] = prints
-            return False
+            return await loop.run_in_executor(pool, open_version, folder, self._open, rows)
         finally:
             # Cancelled (shutdown while loading): never block the loop on a version that is
             # still loading; the thread ends once it is done.
             pool.shutdown(wait=False)
-        if self._draining:
-            return False
-        self._failed.pop((name, version), None)
-        await self._add(sessions)
-        return True
 
     async def unload_version(self, key: VersionKey) -> None:
         """Stop serving a version: new calls no longer find it, calls in ``use`` finish on it
@@ -173,31 +206,32 @@ class ModelRegistry:
         if not versions:
             self._models.pop(name, None)
         self._failed.pop(key, None)
+        self._prints.pop(key, None)
         if model is not None:
-            self._set(name, version, "unloading")
-            try:
-                await self._wait_unused(key, self._settings.grace_period_s)
-            finally:  # cancelled by shutdown too: close() no longer sees this version
-                await model.encoder.stop()
-                await model.decoder.stop()
+            await self._retire(model, key, unloading=True)
             event = {"event": "model_unloaded", "model": name, "version": version}
             logger.info("unloaded %s version %d", name, version, extra=event)
         self._status.pop(key, None)  # a failed version whose folder is gone is forgotten
         self.metrics.set_model_state(name, version, None)
 
-    async def _wait_unused(self, key: VersionKey, timeout_s: float) -> None:
-        if not self._users[key]:
-            return
-        idle = self._idle.setdefault(key, asyncio.Event())
+    async def _retire(self, model: LoadedModel, key: VersionKey, unloading: bool) -> None:
+        """Stop a version no longer in ``get`` once the calls that hold it are done (for up
+        to ``grace_period_s``)."""
+        if unloading:
+            self._set(*key, "unloading")
+        idle = self._idle.setdefault(id(model), asyncio.Event())
         try:
-            await asyncio.wait_for(idle.wait(), timeout_s)
+            if self._users[id(model)]:
+                await asyncio.wait_for(idle.wait(), self._settings.grace_period_s)
         except TimeoutError:
             logger.warning(
                 "%s version %d: %d call(s) still running after %.1f s; unloading",
-                *key, self._users[key], timeout_s,
+                *key, self._users[id(model)], self._settings.grace_period_s,
             )  # fmt: skip
-        finally:
-            self._idle.pop(key, None)
+        finally:  # cancelled by shutdown too: close() no longer sees this version
+            self._idle.pop(id(model), None)
+            await model.encoder.stop()
+            await model.decoder.stop()
 
     def served(self) -> list[VersionKey]:
         """(name, version) of every loaded version."""
@@ -207,7 +241,11 @@ class ModelRegistry:
         """Versions that failed to load, with a fingerprint of their files at the time."""
         return dict(self._failed)
 
-    async def _add(self, s: OpenVersion) -> None:
+    def fingerprints(self) -> dict[VersionKey, Fingerprint]:
+        """Served versions, with a fingerprint of the files each was loaded from."""
+        return dict(self._prints)
+
+    async def _add(self, s: OpenVersion, prints: Fingerprint) -> None:
         m = s.manifest
         model = LoadedModel(
             manifest=m,
@@ -217,12 +255,14 @@ class ModelRegistry:
             decoder=self._batcher(s.decoder, m, "decoder"),
             prior_means=prior_means(m),
             manifest_json=s.manifest_json,
+            prior_mixture=s.prior,
         )
         # No suspension point from here to the registration (start() never suspends): a
         # cancelled load cannot leave started batchers that close() would not find.
         await model.encoder.start()
         await model.decoder.start()
         self._models.setdefault(m.name, {})[m.version] = model
+        self._prints[(m.name, m.version)] = prints
         self._set(m.name, m.version, "ready")
         event = {"event": "model_loaded", "model": m.name, "version": m.version}
         logger.info("loaded %s version %d on %s", m.name, m.version, model.provider, extra=event)
@@ -277,7 +317,7 @@ class ModelRegistry:
     def use(self, name: str, version: int = 0) -> Iterator[LoadedModel]:
         """``get`` for the length of one call; shutdown waits while any call is inside."""
         model = self.get(name, version)
-        key = (model.manifest.name, model.manifest.version)
+        key = id(model)
         self._in_flight += 1
         self._users[key] += 1
         try:
@@ -324,6 +364,14 @@ class ModelRegistry:
     def _set(self, name: str, version: int, state: str, reason: str = "") -> None:
         self._status[(name, version)] = VersionStatus(name, version, state, reason)
         self.metrics.set_model_state(name, version, state)
+
+
+def _log_failed(folder: Path, exc: Exception) -> None:
+    logger.error(
+        "skipping %s: %s", folder, exc, exc_info=not _expected(exc),
+        extra={"event": "model_load_failed", "model": folder.parent.name,
+               "version": int(folder.name)},
+    )  # fmt: skip
 
 
 def _expected(exc: Exception) -> bool:

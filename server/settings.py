@@ -179,6 +179,9 @@ class ServerSettings:
             _check(self.reload_interval_s == 0, "reload_interval_s",
                    "0 with model_control_mode explicit (the API loads and unloads)",
                    self.reload_interval_s)  # fmt: skip
+            # Each worker process holds its own models: a load would reach one of them.
+            _check(self.workers == 1, "workers", "1 with model_control_mode explicit",
+                   self.workers)  # fmt: skip
 
     def limits(self) -> Limits:
         """The bounds a request must keep, as ``GetModelInfo`` reports them."""

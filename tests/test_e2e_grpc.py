@@ -653,6 +653,8 @@ def test_sigterm_drains_and_exits_0_without_ever_importing_torch(repository, ref
         "vae",
         "--port",
         "0",
+        "--http-port",
+        "off",
         "--device",
         "cpu",
         "--grace-period-s",

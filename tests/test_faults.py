@@ -564,7 +564,17 @@ def test_a_repository_path_that_is_a_file_stops_vae_serve_with_a_clear_message(t
     repository = tmp_path / "models"
     repository.write_text("not a folder")
     done = subprocess.run(
-        [sys.executable, "-c", _SERVE, "--repository", str(repository), "--port", "0"],
+        [
+            sys.executable,
+            "-c",
+            _SERVE,
+            "--repository",
+            str(repository),
+            "--port",
+            "0",
+            "--http-port",
+            "off",
+        ],
         capture_output=True,
         text=True,
         timeout=WAIT_S,

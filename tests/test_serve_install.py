@@ -118,7 +118,7 @@ def test_serves_like_the_container(serve_venv: Path, repository: Path, tmp_path:
         "VAESERVE_PORT": str(port),
     }
     server = subprocess.Popen(
-        [str(serve_venv / "vae-serve")], env=env, cwd=tmp_path,
+        [str(serve_venv / "vae-serve"), "--http-port", "off"], env=env, cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

@@ -205,5 +205,7 @@ def test_model_control_modes_and_polling_must_agree():
         ServerSettings(repository="r", model_control_mode="poll")
     with pytest.raises(ValueError, match="reload_interval_s: expected 0 with model_control_mod"):
         ServerSettings(repository="r", model_control_mode="explicit", reload_interval_s=5)
+    with pytest.raises(ValueError, match="workers: expected 1 with model_control_mode explicit"):
+        ServerSettings(repository="r", model_control_mode="explicit", workers=2)
     with pytest.raises(ValueError, match="model_control_mode: expected none | poll | explicit"):
         ServerSettings(repository="r", model_control_mode="auto")

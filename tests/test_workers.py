@@ -43,7 +43,8 @@ class Supervisor:
 
     def __init__(self, repository: Path, *flags: str, workers: int = 2):
         command = [sys.executable, "-c", _SERVE, "--repository", str(repository)]
-        command += ["--port", "0", "--device", "cpu", "--workers", str(workers)]
+        command += ["--port", "0", "--http-port", "off", "--device", "cpu"]
+        command += ["--workers", str(workers)]
         command += ["--grace-period-s", str(GRACE_S), *flags]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.output = OutputLines(self.process)
@@ -151,7 +152,7 @@ def test_a_port_taken_by_another_program_is_refused(repository):
         taken.listen()
         port = taken.getsockname()[1]
         command = [sys.executable, "-c", _SERVE, "--repository", str(repository)]
-        command += ["--port", str(port), "--workers", "2"]
+        command += ["--port", str(port), "--http-port", "off", "--workers", "2"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=T)
     assert done.returncode == 2
     assert f"could not bind 127.0.0.1:{port}" in done.stderr

@@ -16,6 +16,7 @@ __all__ = [
     "ModelNotFound",
     "QueueFull",
     "NotServing",
+    "ModelControlDisabled",
     "DeadlineExceeded",
     "Unauthenticated",
     "PermissionDenied",
@@ -65,6 +66,14 @@ class NotServing(VaeServeError):
     """The server is still loading models, is shutting down, or cannot be reached."""
 
     status = "UNAVAILABLE"
+
+
+class ModelControlDisabled(NotServing):
+    """A model load or unload asked of a server whose model control mode is not "explicit".
+
+    UNAVAILABLE, as Triton answers it; unlike the other ``NotServing`` errors, a retry does not
+    help until the server runs with ``--model-control-mode explicit``.
+    """
 
 
 class DeadlineExceeded(VaeServeError):
