@@ -6,6 +6,9 @@ set -euo pipefail
 demo=${1:-demo}
 bin=$(dirname "$0")/../.venv/bin
 port=${VAESERVE_DEMO_PORT:-8001}
+# REST (the Open Inference Protocol over HTTP) on any free port unless one is given: 8000 may
+# be taken on a developer's machine.
+http_port=${VAESERVE_DEMO_HTTP_PORT:-0}
 # Each run starts afresh: the folder is the demo's own (marked), so a re-run replaces it; a
 # folder that is not a demo's is never touched.
 if [ -e "$demo" ]; then
@@ -25,7 +28,8 @@ echo "== 2/4 export (vae-export) -> $demo/models/digits"
 "$bin/vae-export" --checkpoint "$demo/run/checkpoint.pt" --repository "$demo/models" --name digits --force --version 1
 
 echo "== 3/4 serve (vae-serve) on 127.0.0.1:$port"
-"$bin/vae-serve" --repository "$demo/models" --host 127.0.0.1 --port "$port" >"$demo/server.log" 2>&1 &
+"$bin/vae-serve" --repository "$demo/models" --host 127.0.0.1 --port "$port" \
+  --http-port "$http_port" >"$demo/server.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 120); do
@@ -34,6 +38,8 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 "$bin/vae-healthcheck" --address "127.0.0.1:$port" --timeout 2
+rest=$(sed -n 's/.*REST listening on \(http[^ ]*\).*/\1/p' "$demo/server.log" | head -n 1)
+echo "   REST: $rest/v2/models/digits-sampler (curl it while the demo runs)"
 
 echo "== 4/4 generate (vae-generate) over gRPC -> $demo/samples"
 "$bin/vae-generate" --server "127.0.0.1:$port" --model digits --num 2000 --labels balanced \

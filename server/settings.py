@@ -288,7 +288,9 @@ _FLAGS = (
     _Flag("max_stream_chunk_size", int, "most samples per streamed answer"),
     _Flag("max_score_samples", int, "most importance samples k per input of one Score call"),
     _Flag("max_score_rows", int, "most decoder rows (inputs x k) of one Score call"),
-    _Flag("max_message_bytes", int, "gRPC message size limit, both directions"),
+    _Flag(
+        "max_message_bytes", int, "gRPC message size limit, both directions; REST infer body limit"
+    ),
     _Flag("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM"),
     _Flag("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
     _Flag("log_format", str, "text, or json: one object per line"),
@@ -300,7 +302,11 @@ _FLAGS = (
     _Flag("tls_cert", Path, "PEM certificate chain: serve TLS (needs --tls-key)"),
     _Flag("tls_key", Path, "PEM private key of --tls-cert"),
     _Flag("tls_client_ca", Path, "PEM CA bundle: require client certificates it signed"),
-    _Flag("auth_token_file", Path, "file holding a bearer token every RPC but health needs"),
+    _Flag(
+        "auth_token_file",
+        Path,
+        "file holding a bearer token every call but health needs (gRPC and REST)",
+    ),
     _Flag(
         "reload_interval_s",
         float,
@@ -320,10 +326,19 @@ _FLAGS = (
     _Flag("max_waiting_calls", int, "calls not yet taken up; past it gRPC ends new ones CANCELLED"),
     _Flag("max_inflight_request_bytes", int, "request bytes held by calls in progress, in all"),
     _Flag("max_pending_answer_bytes", int, "streamed answer bytes not yet read by clients"),
-    _Flag("stream_stall_timeout_s", float, "cut off a stream whose client reads nothing this long"),
+    _Flag(
+        "stream_stall_timeout_s",
+        float,
+        "cut off a stream whose client reads nothing this long; REST: the time limit of a "
+        "request's header and body and of reading the answer",
+    ),
     _Flag("max_concurrent_streams", int, "calls in progress on one connection"),
     _Flag("min_ping_interval_s", float, "clients pinging more often than this get GOAWAY"),
-    _Flag("max_connection_idle_s", float, "close a connection without calls after this"),
+    _Flag(
+        "max_connection_idle_s",
+        float,
+        "close a connection without calls after this (gRPC and REST)",
+    ),
     _Flag("max_connection_age_s", float, "close connections after this (0: never)"),
     _Flag("max_connection_age_grace_s", float, "time in-progress calls get past the age"),
     _Flag("max_batch_size", int, "rows per batched run; 1 switches batching off"),
