@@ -8,7 +8,8 @@ one client channel stays on one worker and the spread needs several connections.
 
 The supervisor:
 - picks a concrete port first when asked for port 0 (each worker binding port 0 would get a
-  different one) and holds it, bound but not listening, until the workers have theirs;
+  different one) and holds it, bound but not listening, until the workers have theirs; the
+  same for the REST port (``--http-port``), which the workers share likewise;
 - gives each worker ``max(1, cores // N)`` onnxruntime intra-op threads unless
   ``--intra-op-threads`` was set, so N workers do not each start a thread per core;
 - gives worker i the metrics port ``metrics_port + i`` (an HTTP port cannot be shared: a
@@ -45,15 +46,20 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _WORKER = "import sys; from vaeserve.server.workers import worker_main; sys.exit(worker_main())"
 
 
-def worker_settings(settings: ServerSettings, port: int, index: int) -> ServerSettings:
-    """The settings worker ``index`` of ``settings.workers`` serves with, on ``port``."""
+def worker_settings(
+    settings: ServerSettings, port: int, index: int, http_port: int | None = None
+) -> ServerSettings:
+    """The settings worker ``index`` of ``settings.workers`` serves with, on ``port`` (and the
+    REST port ``http_port``; None: as ``settings`` says)."""
     threads = settings.intra_op_threads or max(1, usable_cores() // settings.workers)
     metrics = settings.metrics_port
     if metrics:  # 0 (any free port) stays 0: each worker then logs the one it got
         metrics += index
+    rest = settings.http_port if http_port is None else http_port
     return dataclasses.replace(
-        settings, port=port, workers=1, intra_op_threads=threads, metrics_port=metrics
-    )
+        settings, port=port, http_port=rest, workers=1, intra_op_threads=threads,
+        metrics_port=metrics,
+    )  # fmt: skip
 
 
 def encode_settings(settings: ServerSettings) -> str:
@@ -132,11 +138,18 @@ def supervise(settings: ServerSettings) -> int:
         logger.error("cannot start: --metrics-port %d + %d workers passes 65535",
                      settings.metrics_port, n)  # fmt: skip
         return 2
+    reserved: list[socket.socket] = []
     try:
-        reserved, port = _reserve_port(settings.host, settings.port)
+        for wanted in (settings.port, settings.http_port):
+            if wanted is not None:
+                reserved.append(_reserve_port(settings.host, wanted)[0])
     except OSError as exc:
-        logger.error("cannot start: could not bind %s:%d: %s", settings.host, settings.port, exc)
+        for sock in reserved:
+            sock.close()
+        logger.error("cannot start: could not bind %s:%d: %s", settings.host, wanted, exc)
         return 2
+    port = reserved[0].getsockname()[1]
+    http_port = None if settings.http_port is None else reserved[1].getsockname()[1]
     stop_signal: list[int] = []
     workers: list[_Worker] = []
 
@@ -151,7 +164,7 @@ def supervise(settings: ServerSettings) -> int:
         for i in range(n):
             if stop_signal:  # asked to stop while starting: start no more
                 break
-            s = worker_settings(settings, port, i)
+            s = worker_settings(settings, port, i, http_port)
             try:
                 workers.append(_Worker(i, s))
             except OSError as exc:
@@ -160,7 +173,8 @@ def supervise(settings: ServerSettings) -> int:
             metrics = "" if s.metrics_port is None else f", metrics port {s.metrics_port}"
             logger.info("worker %d: pid %d, %d intra-op threads%s",
                         i, workers[-1].process.pid, s.intra_op_threads, metrics)  # fmt: skip
-        logger.info("supervising %d workers on %s:%d", n, settings.host, port)
+        rest = "" if http_port is None else f", REST port {http_port}"
+        logger.info("supervising %d workers on %s:%d%s", n, settings.host, port, rest)
         return _watch(workers, settings, stop_signal, reserved)
     finally:
         _stop_all(workers, settings.grace_period_s)
@@ -168,14 +182,15 @@ def supervise(settings: ServerSettings) -> int:
             signal.signal(sig, handler)
         for w in workers:
             w.close()
-        reserved.close()
+        for sock in reserved:
+            sock.close()
 
 
 def _watch(
     workers: Sequence[_Worker],
     settings: ServerSettings,
     stop_signal: list[int],
-    reserved: socket.socket,
+    reserved: Sequence[socket.socket],
 ) -> int:
     """Wait for a stop signal or a worker's unexpected exit; return the exit code."""
     all_ready = False
@@ -188,7 +203,8 @@ def _watch(
                 return 1
         if not all_ready and all(w.poll_ready() for w in workers):
             all_ready = True
-            reserved.close()  # every worker has bound the port by now
+            for sock in reserved:
+                sock.close()  # every worker has bound the ports by now
             logger.info("ready: all %d workers are SERVING", len(workers))
         time.sleep(_POLL_S)
     logger.info("stopping %d workers (signal %d)", len(workers), stop_signal[0])

@@ -51,7 +51,9 @@ class Supervisor:
         self.pids = [
             int(self.output.wait_for(rf"worker {i}: pid (\d+)").group(1)) for i in range(workers)
         ]
-        self.port = int(self.output.wait_for(r"supervising \d+ workers on .*:(\d+)").group(1))
+        line = self.output.wait_for(r"supervising \d+ workers on [^,]*:(\d+)(?:, REST port (\d+))?")
+        self.port = int(line.group(1))
+        self.rest_port = None if line.group(2) is None else int(line.group(2))
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -185,3 +187,29 @@ def test_settings_reach_a_worker_unchanged():
         batching=BatchingSettings(max_batch_size=7, max_queue_delay_ms=0.5),
     )
     assert decode_settings(encode_settings(settings)) == settings
+
+
+def _requests_of(metrics_port: int, rpc: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=T) as r:
+        text = r.read().decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("vaeserve_requests_total{")]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if f'rpc="{rpc}"' in ln)
+
+
+def test_workers_share_one_rest_port_picked_by_the_supervisor(repository):
+    # --http-port 0 with each worker binding 0 itself would give every worker its own port.
+    server = Supervisor(repository, "--http-port", "0", "--metrics-port", "0")
+    try:
+        out = server.output
+        rest_port = server.rest_port
+        metrics = {int(out.wait_for(r"metrics at http://\S+:(\d+)/").group(1)) for _ in range(2)}
+        out.wait_for("ready: all 2 workers are SERVING")
+        assert rest_port is not None and rest_port not in (0, server.port)
+        for _ in range(CHANNELS):  # urllib opens a new connection per request
+            url = f"http://127.0.0.1:{rest_port}/v2/models/{VAE}-decoder"
+            with urllib.request.urlopen(url, timeout=T) as answer:
+                assert answer.status == 200
+        counts = [_requests_of(port, "ModelMetadata") for port in sorted(metrics)]
+        assert sum(counts) == CHANNELS and all(c > 0 for c in counts), counts
+    finally:
+        server.close()
