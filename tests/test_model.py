@@ -210,11 +210,47 @@ def test_prior_mean_scale_starts_the_class_means_apart():
         _config("cvae", "prior", prior_mean_scale=-1.0)
 
 
-def test_dropout_is_off_in_eval_and_leaves_a_plain_mlp_as_it_was():
-    # Checkpoints written before the option name the layers net.0, net.2, ...
-    assert "encoder.net.2.weight" in build_model(_config(hidden_dims=(16, 8))).state_dict()
-    dropped = build_model(_config(dropout=0.3)).eval()
+def test_checkpoints_from_the_removed_dropout_option_still_load(tmp_path):
+    import re
+
+    from vaeserve.training.checkpoint import load_model, save_checkpoint
+
+    # Checkpoints name the MLP's layers net.0, net.2, ... (Linear, ReLU per hidden layer).
+    model = build_model(_config(hidden_dims=(16, 8))).eval()
+    assert "encoder.net.2.weight" in model.state_dict()
+    with pytest.raises(ValueError, match="unknown field"):
+        ModelConfig.from_dict({**model.config.to_dict(), "drop_out": 0.1})
+    # A run trained with --dropout P stored "dropout" in its config and, for P > 0, held
+    # (Linear, ReLU, Dropout) per hidden layer: Linear layers at net.0, net.3, ...
     x = torch.rand(4, 1, 8, 8)
-    torch.testing.assert_close(dropped.encode(x)[0], dropped.encode(x)[0])
+    for dropout in (0.0, 0.2):
+        state = model.state_dict()
+        if dropout:
+            state = {
+                re.sub(
+                    r"^(encoder\.net|decoder\.net\.0)\.(\d+)\.",
+                    lambda m: f"{m[1]}.{int(m[2]) // 2 * 3}.",
+                    name,
+                ): value
+                for name, value in state.items()
+            }
+            assert "encoder.net.3.weight" in state
+        path = tmp_path / f"dropout{dropout}.pt"
+        save_checkpoint(
+            path, model_config=model.config, state_dict=state, train_config={}, data_info={}
+        )
+        raw = torch.load(path, weights_only=True)
+        raw["model_config"]["dropout"] = dropout
+        torch.save(raw, path)
+        loaded, _ = load_model(path)
+        torch.testing.assert_close(loaded.encode(x), model.encode(x))
+        torch.testing.assert_close(
+            loaded.decode(x.new_zeros(4, 2)), model.decode(x.new_zeros(4, 2))
+        )
+    # Such a run cannot be resumed: it would go on without the dropout it was trained with.
+    stored = {**TrainConfig().to_dict(), "dropout": 0.2}
     with pytest.raises(ValueError, match="dropout"):
-        _config(dropout=1.0)
+        TrainConfig.from_dict(stored)
+    assert TrainConfig.from_dict({**TrainConfig().to_dict(), "dropout": 0.0}) == TrainConfig()
+    with pytest.raises(TypeError):
+        TrainConfig(dropout=0.1)

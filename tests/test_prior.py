@@ -145,7 +145,7 @@ def test_train_config_passes_the_prior_on_and_refuses_it_for_a_cvae():
     del old["prior"], old["prior_components"]
     assert ModelConfig.from_dict(old).prior == "normal"
     stored = TrainConfig().to_dict()
-    for name in ("prior", "prior_components", "pseudo_init", "prior_mean_scale", "dropout"):
+    for name in ("prior", "prior_components", "pseudo_init", "prior_mean_scale"):
         del stored[name]
     assert TrainConfig.from_dict(stored).prior == "normal"
     assert TrainConfig.from_dict(stored).prior_mean_scale == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,12 +123,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         model_config = ModelConfig.from_dict(raw["model_config"])
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: bad model_config: {exc}") from exc
+    state_dict = raw["state_dict"]
+    stored_config = raw["model_config"]
+    dropout = isinstance(stored_config, dict) and stored_config.get("dropout")
+    if dropout and model_config.arch == "mlp":  # the removed --dropout's layer numbering
+        state_dict = _without_dropout_layers(state_dict)
     return Checkpoint(
         model_config=model_config,
         train_config=raw["train_config"],
         data_info=raw["data_info"],
         metrics=raw["metrics"],
-        state_dict=raw["state_dict"],
+        state_dict=state_dict,
         epoch=raw["epoch"],
         resume=raw.get("resume"),
         format_version=version,
@@ -149,6 +155,23 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[VAE, Check
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match the model config ({exc})") from exc
     return model.to(device).eval(), ckpt
+
+
+# An MLP trained with the removed --dropout held (Linear, ReLU, Dropout) per hidden layer:
+# its Linear layers are at indices 0, 3, 6, … of encoder.net and decoder.net.0, where the
+# MLP without dropout has them at 0, 2, 4, ….
+_DROPOUT_MLP_KEY = re.compile(r"^(encoder\.net|decoder\.net\.0)\.(\d+)\.(.+)$")
+
+
+def _without_dropout_layers(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The weights of an MLP trained with dropout, named as the MLP without it."""
+    renamed = {}
+    for name, value in state_dict.items():
+        match = _DROPOUT_MLP_KEY.match(name)
+        if match and int(match[2]) % 3 == 0:
+            name = f"{match[1]}.{int(match[2]) // 3 * 2}.{match[3]}"
+        renamed[name] = value
+    return renamed
 
 
 def _check_finite(path: str | os.PathLike, state_dict: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from vaeserve.training.config import (
     DEVICES,
     KINDS,
     LIKELIHOODS,
+    LR_SCHEDULES,
     PRIORS,
     PSEUDO_INITS,
     TrainConfig,
@@ -59,7 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, help=f"({d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"({d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate ({d.lr})")
+    p.add_argument("--lr", type=float, help=f"Adam (AdamW) learning rate ({d.lr})")
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help=f"constant, or cosine decay to 0 over --epochs, set every step ({d.lr_schedule})",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        metavar="W",
+        help=f"decoupled weight decay (AdamW) when > 0 ({d.weight_decay})",
+    )
     p.add_argument("--beta", type=float, help=f"KL weight, 1 is the ELBO ({d.beta})")
     p.add_argument("--kl-warmup-epochs", type=int, help=f"({d.kl_warmup_epochs})")
     p.add_argument(
@@ -82,9 +94,6 @@ def _parser() -> argparse.ArgumentParser:
         help=f"pseudo-inputs of --prior vamp ({d.prior_components})",
     )
     p.add_argument(
-        "--dropout", type=float, metavar="P", help=f"MLP dropout while training ({d.dropout})"
-    )
-    p.add_argument(
         "--pseudo-init",
         choices=PSEUDO_INITS,
         help=f"--prior vamp: pseudo-inputs start near grey or at training images ({d.pseudo_init})",
@@ -95,6 +104,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="--conditioning prior: the class means start S from 0, each on its own axis "
         f"({d.prior_mean_scale})",
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        metavar="D",
+        help="validate and keep the moving average of the weights, decay D per step; "
+        f"0 is off ({d.ema_decay})",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="share of the training images held out to choose the checkpoint (the best "
+        "validation epoch); 0 trains on all of them and keeps the last epoch "
+        f"({d.val_fraction})",
     )
     p.add_argument("--eval-k", type=int, help=f"importance samples of the test NLL ({d.eval_k})")
     p.add_argument("--seed", type=int, help=f"({d.seed})")

@@ -11,6 +11,7 @@ from vaeserve.manifest import DECODER_OUTPUTS, LIKELIHOODS
 
 __all__ = [
     "ARCHS",
+    "LR_SCHEDULES",
     "PRIORS",
     "PSEUDO_INITS",
     "BINARIZE_MODES",
@@ -32,6 +33,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # the mean of the encoder's posteriors at prior_components learned pseudo-inputs.
 PRIORS = ("normal", "vamp")
 PSEUDO_INITS = ("random", "data")
+# "constant": Adam's lr throughout; "cosine": lr · ½(1 + cos(π · step / steps of --epochs)).
+LR_SCHEDULES = ("constant", "cosine")
 
 # For "mlp" these are layer widths; for "conv" they are channel counts of stride-2 convolutions.
 # The MLP widths were chosen by the experiments recorded in docs/training.md.
@@ -45,7 +48,10 @@ _BEFORE_FIELDS = {
     "prior_components": 500,
     "pseudo_init": "random",
     "prior_mean_scale": 0.0,
-    "dropout": 0.0,
+    "val_fraction": 0.1,
+    "lr_schedule": "constant",
+    "weight_decay": 0.0,
+    "ema_decay": 0.0,
 }
 
 
@@ -118,7 +124,6 @@ class ModelConfig:
     # Initial distance of a prior CVAE's class means from 0 (each on an axis of its own); 0
     # starts them all at 0. Only the starting point: the means are learned.
     prior_mean_scale: float = 0.0
-    dropout: float = 0.0  # dropout after each hidden layer of an MLP while training
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, KINDS)
@@ -134,9 +139,6 @@ class ModelConfig:
         _check_float("prior_mean_scale", self.prior_mean_scale)
         if self.prior_mean_scale < 0:
             raise _fail("prior_mean_scale", "a number >= 0", self.prior_mean_scale)
-        _check_float("dropout", self.dropout)
-        if not 0 <= self.dropout < 1:
-            raise _fail("dropout", "a probability in [0, 1)", self.dropout)
         if self.kind == "vae":
             if self.conditioning is not None:
                 raise _fail("conditioning", "None for kind 'vae'", self.conditioning)
@@ -179,9 +181,15 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Builds a config from `to_dict()` output.
 
+        A stored "dropout" (the removed option) is dropped: dropout holds no weights and is
+        off outside training, so the model is the same (training/checkpoint.py renames the
+        layers of an MLP that had it).
+
         Raises:
             ValueError: a field is unknown or has a bad value; the message names it.
         """
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k != "dropout"}
         return _from_dict(cls, d, ("data_shape", "hidden_dims"))
 
 
@@ -203,6 +211,12 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW) when > 0; Adam otherwise
+    # > 0: validate and keep the exponential moving average of the weights (decay per step):
+    # 0.99 averages ~100 steps; -0.17 nats over the plain weights on pythae's split, 3 seeds
+    # (docs/training.md). 0 keeps the weights themselves.
+    ema_decay: float = 0.99
     beta: float = 1.0  # weight of the KL term (β-VAE); 1 gives the ELBO
     kl_warmup_epochs: int = 50  # β rises linearly from 0 over this many epochs
     train_k: int = 5  # importance samples of the training objective; 1 trains the ELBO
@@ -215,8 +229,11 @@ class TrainConfig:
     # A prior CVAE's class means start this far from 0, each on its own axis: from 0 they end
     # too close for unit-variance draws (docs/training.md).
     prior_mean_scale: float = 6.5
-    dropout: float = 0.0  # MLP dropout while training
     eval_k: int = 1000  # importance samples of the final test NLL
+    # Share of the training images held out as val, whose best epoch is the checkpoint kept.
+    # 0 trains on every training image and keeps the last epoch (choose --epochs on runs
+    # that held val out: docs/training.md).
+    val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
@@ -245,9 +262,6 @@ class TrainConfig:
         if self.prior_mean_scale < 0:
             raise _fail("prior_mean_scale", "a number >= 0", self.prior_mean_scale)
         _check_choice("pseudo_init", self.pseudo_init, PSEUDO_INITS)
-        _check_float("dropout", self.dropout)
-        if not 0 <= self.dropout < 1:
-            raise _fail("dropout", "a probability in [0, 1)", self.dropout)
         dims = DEFAULT_HIDDEN_DIMS[self.arch] if self.hidden_dims is None else self.hidden_dims
         object.__setattr__(self, "hidden_dims", _int_tuple("hidden_dims", dims))
         for name in ("latent_dim", "epochs", "batch_size", "train_k", "eval_k"):
@@ -255,6 +269,16 @@ class TrainConfig:
         _check_int("kl_warmup_epochs", self.kl_warmup_epochs, 0)
         _check_int("seed", self.seed, 0)
         _check_float("lr", self.lr, positive=True)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_float("weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise _fail("weight_decay", "a number >= 0", self.weight_decay)
+        _check_float("ema_decay", self.ema_decay)
+        if not 0 <= self.ema_decay < 1:
+            raise _fail("ema_decay", "a number in [0, 1)", self.ema_decay)
+        _check_float("val_fraction", self.val_fraction)
+        if not 0 <= self.val_fraction <= 0.5:
+            raise _fail("val_fraction", "a share in [0, 0.5]", self.val_fraction)
         _check_float("beta", self.beta)
         if self.beta < 0:
             raise _fail("beta", "a number >= 0", self.beta)
@@ -283,7 +307,6 @@ class TrainConfig:
             prior=self.prior,
             prior_components=self.prior_components if self.prior == "vamp" else None,
             prior_mean_scale=self.prior_mean_scale if self.conditioning == "prior" else 0.0,
-            dropout=self.dropout,
         )
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -305,4 +328,12 @@ class TrainConfig:
         """
         if isinstance(d, dict):  # a stored run from before a field: that field's old meaning
             d = {**_BEFORE_FIELDS, **d}
+            # --dropout was removed (it lost every measurement, docs/training.md): a run
+            # without it reads as before; one trained with it cannot be continued as it was.
+            dropout = d.pop("dropout", 0.0)
+            if dropout:
+                raise ValueError(
+                    f"dropout: this run was trained with dropout {dropout!r}, an option that "
+                    "was removed; it can be evaluated and exported, not resumed"
+                )
         return _from_dict(cls, d, ("hidden_dims",))

@@ -12,6 +12,7 @@ memory-mapped (`data_files` reads the files), and the images of each split are a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class DatasetSplits:
     class_names: tuple[str, ...]  # empty when the data has no labels
     binarize: str
     split_seed: int
+    val_fraction: float = VAL_FRACTION  # share of the training images held out as val
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -96,6 +98,7 @@ class DatasetSplits:
             "num_classes": self.num_classes,
             "class_names": list(self.class_names),
             "split_seed": self.split_seed,
+            "val_fraction": self.val_fraction,
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
         }
 
@@ -117,7 +120,12 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_dataset(
-    spec: str, *, binarize: str = "none", split_seed: int = SPLIT_SEED, mmap: bool = False
+    spec: str,
+    *,
+    binarize: str = "none",
+    split_seed: int = SPLIT_SEED,
+    mmap: bool = False,
+    val_fraction: float = VAL_FRACTION,
 ) -> DatasetSplits:
     """Loads, checks and splits a dataset.
 
@@ -128,6 +136,8 @@ def load_dataset(
         mmap: read .npz/.npy data memory-mapped and give each split's images as an
             `ImageRows` (read and converted batch by batch); False: numpy arrays in memory.
             The values are the same either way.
+        val_fraction: share of the training images held out as val (0.1); 0 leaves val
+            empty and every training image in train. The other splits do not move with it.
 
     Returns:
         The checked splits; the same arguments give the same arrays on every machine. An
@@ -140,26 +150,32 @@ def load_dataset(
     """
     kind, arg = parse_spec(spec)
     _check_binarize(binarize)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float):
+        raise ValueError(f"val_fraction: expected a number in [0, 0.5], got {val_fraction!r}")
+    if not 0 <= val_fraction <= 0.5:
+        raise ValueError(f"val_fraction: expected a number in [0, 0.5], got {val_fraction!r}")
     rng = np.random.RandomState(split_seed)
     if kind == "digits":
         x, y = _load_digits()
         class_names = _CLASS_NAMES["digits"]
-        train, val, test = _split_three(spec, x, y, rng)
+        train, val, test = _split_three(spec, x, y, rng, val_fraction)
     elif kind == "npz":
         data = _load_npz(Path(arg), mmap)
         class_names = data.class_names
         if data.test is None:
-            train, val, test = _split_three(spec, data.train.x, data.train.y, rng)
+            train, val, test = _split_three(spec, data.train.x, data.train.y, rng, val_fraction)
         else:  # the file's own test split, whole; val is carved from its train split only
-            train, val = _split_off(spec, data.train, VAL_FRACTION, rng, "val")
+            train, val = _split_off(spec, data.train, val_fraction, rng, "val")
             test = data.test
     else:
         (x_tr, y_tr), test = _load_idx_dir(Path(arg))
         class_names = _CLASS_NAMES[kind]
-        train, val = _split_off(spec, Split(x_tr, y_tr), VAL_FRACTION, rng, "val")
+        train, val = _split_off(spec, Split(x_tr, y_tr), val_fraction, rng, "val")
     for name, split in (("train", train), ("val", val), ("test", test)):
         check_labels(f"{spec} {name} labels", split.y, len(class_names), len(split))
-    splits = DatasetSplits(spec, train, val, test, tuple(class_names), binarize, split_seed)
+    splits = DatasetSplits(
+        spec, train, val, test, tuple(class_names), binarize, split_seed, val_fraction
+    )
     splits = _binarized(splits, np.random.RandomState(split_seed + 1))
     return splits if mmap else _in_memory(splits)
 
@@ -211,9 +227,7 @@ def _in_memory(splits: DatasetSplits) -> DatasetSplits:
         Split(np.asarray(s.x) if isinstance(s.x, ImageRows) else s.x, s.y)
         for s in (splits.train, splits.val, splits.test)
     )
-    return DatasetSplits(
-        splits.spec, train, val, test, splits.class_names, splits.binarize, splits.split_seed
-    )
+    return dataclasses.replace(splits, train=train, val=val, test=test)
 
 
 def _fixed_draw(x: np.ndarray | ImageRows, rng: np.random.RandomState) -> Any:
@@ -238,16 +252,16 @@ def _binarized(splits: DatasetSplits, rng: np.random.RandomState) -> DatasetSpli
     else:
         val, test = (Split(_fixed_draw(s.x, rng), s.y) for s in (splits.val, splits.test))
         train = splits.train
-    return DatasetSplits(
-        splits.spec, train, val, test, splits.class_names, splits.binarize, splits.split_seed
-    )
+    return dataclasses.replace(splits, train=train, val=val, test=test)
 
 
 def _split_off(
     spec: str, split: Split, fraction: float, rng: np.random.RandomState, name: str
 ) -> tuple[Split, Split]:
     n = len(split)
-    order = rng.permutation(n)
+    order = rng.permutation(n)  # drawn for fraction 0 too: the test split never depends on val
+    if fraction == 0 and name == "val":  # no validation split asked for
+        return split, _take(split, np.zeros(0, np.int64))
     n_out = int(round(n * fraction))
     if n_out == 0 or n_out == n:
         raise ValueError(
@@ -259,10 +273,15 @@ def _split_off(
 
 
 def _split_three(
-    spec: str, x: np.ndarray, y: np.ndarray | None, rng: np.random.RandomState
+    spec: str,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    rng: np.random.RandomState,
+    val_fraction: float = VAL_FRACTION,
 ) -> tuple[Split, Split, Split]:
+    # val_fraction is a share of the whole (digits: 10 % val, 20 % test, 70 % train).
     rest, test = _split_off(spec, Split(x, y), TEST_FRACTION, rng, "test")
-    train, val = _split_off(spec, rest, VAL_FRACTION / (1 - TEST_FRACTION), rng, "val")
+    train, val = _split_off(spec, rest, val_fraction / (1 - TEST_FRACTION), rng, "val")
     return train, val, test
 
 

@@ -18,7 +18,7 @@ import torch
 
 from vaeserve.images import save_grid
 from vaeserve.training.checkpoint import CHECKPOINT_NAME, load_model
-from vaeserve.training.data import DatasetSplits, load_dataset, load_whole
+from vaeserve.training.data import VAL_FRACTION, DatasetSplits, load_dataset, load_whole
 from vaeserve.training.image_rows import Split, check_labels, iter_chunks
 from vaeserve.training.losses import evaluate_bounds
 from vaeserve.training.model import VAE
@@ -331,16 +331,25 @@ def evaluate_run(
     model, ckpt = load_model(_checkpoint_path(run), device=str(torch_device))
     info = ckpt.data_info
     how = {"binarize": info["binarize"], "split_seed": info["split_seed"], "mmap": True}
+    # The run's val share (a run from before --val-fraction held out 10 %): its train split.
+    val_fraction = info.get("val_fraction", VAL_FRACTION)
     if whole_file:
         whole = load_whole(data, **how)  # checked before the run's own data is read
-        own = load_dataset(info["spec"], **how)
+        own = load_dataset(info["spec"], val_fraction=val_fraction, **how)
         if whole.y is not None and model.needs_label:
             check_labels(f"{data} y", whole.y, model.config.num_classes, len(whole))
         splits = DatasetSplits(
-            data, own.train, own.val, whole, own.class_names, own.binarize, own.split_seed
+            data,
+            own.train,
+            own.val,
+            whole,
+            own.class_names,
+            own.binarize,
+            own.split_seed,
+            own.val_fraction,
         )
     else:
-        splits = load_dataset(data or info["spec"], **how)
+        splits = load_dataset(data or info["spec"], val_fraction=val_fraction, **how)
     metrics = evaluate_model(model, splits, k=k, seed=seed, device=torch_device)
     if whole_file:
         metrics["test_split"] = "whole file"

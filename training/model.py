@@ -98,13 +98,11 @@ def _spread_means(num_classes: int, latent_dim: int, scale: float) -> torch.Tens
     return scale * directions / directions.norm(dim=1, keepdim=True)
 
 
-def _mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
+def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         layers.append(nn.ReLU())
-        if dropout:  # only then: a checkpoint's layer indices stay those of the plain MLP
-            layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
 
 
@@ -121,7 +119,7 @@ class _MlpEncoder(nn.Module):
     def __init__(self, config: ModelConfig, label_dim: int) -> None:
         super().__init__()
         sizes = [math.prod(config.data_shape) + label_dim, *config.hidden_dims]
-        self.net = _mlp(sizes, config.dropout)
+        self.net = _mlp(sizes)
         self.out_dim = config.hidden_dims[-1]
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
@@ -137,7 +135,7 @@ class _MlpDecoder(nn.Module):
         _, height, width = config.data_shape
         hidden = list(reversed(config.hidden_dims))
         self.net = nn.Sequential(
-            _mlp([config.latent_dim + label_dim, *hidden], config.dropout),
+            _mlp([config.latent_dim + label_dim, *hidden]),
             nn.Linear(hidden[-1], out_channels * height * width),
             nn.Unflatten(1, (out_channels, height, width)),
         )

@@ -66,6 +66,9 @@ class _Progress:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
+    # --ema-decay: the exponential moving average of the weights, updated every step; it is
+    # what is validated and kept. Empty when off.
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def train(
@@ -119,7 +122,9 @@ def _train(
 ) -> dict[str, Any]:
     ckpt_path = out_dir / CHECKPOINT_NAME
     # Memory-mapped where the file allows: each step reads and moves only its own rows.
-    splits = load_dataset(config.dataset, binarize=config.binarize, mmap=True)
+    splits = load_dataset(
+        config.dataset, binarize=config.binarize, mmap=True, val_fraction=config.val_fraction
+    )
     if config.model == "cvae" and splits.num_classes is None:
         raise ValueError(f"model: a CVAE needs labels; dataset {config.dataset} has none")
     model_config = config.model_config(splits.shape, splits.num_classes)
@@ -127,8 +132,10 @@ def _train(
     model = build_model(model_config).to(device)
     if config.prior == "vamp" and config.pseudo_init == "data":
         _pseudo_inputs_from_data(model, splits, config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = _optimizer(model, config)
     state = _Progress(best_state=_copy_state(model))
+    if config.ema_decay > 0:
+        state.ema = _copy_state(model)
     if stored is not None:
         state = _restore(stored.resume, model, optimizer, stored.state_dict, device)
     if ranks.main:
@@ -173,6 +180,21 @@ def _pseudo_inputs_from_data(model: VAE, splits: DatasetSplits, seed: int) -> No
     x = torch.from_numpy(np.asarray(splits.train.x[np.sort(picks)], dtype=np.float32))
     x = x.clamp(_PSEUDO_MARGIN, 1 - _PSEUDO_MARGIN).to(model.pseudo_logits.device)
     model.pseudo_logits.copy_(torch.logit(x))
+
+
+def _optimizer(model: VAE, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW (decoupled weight decay) when config.weight_decay > 0."""
+    if config.weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.lr)
+
+
+def _learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The lr of global step `step` (from 0): a function of the step alone, so a resumed or
+    distributed run sets the same one."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 def _stored_run(config: TrainConfig, ckpt_path: Path) -> Checkpoint:
@@ -236,16 +258,34 @@ def _fit(
     for epoch in bar:
         start_time = time.perf_counter()
         loss = _train_epoch(
-            step_loss, model, optimizer, splits, config, epoch, steps_per_epoch, ranks, device
+            step_loss,
+            model,
+            optimizer,
+            splits,
+            config,
+            epoch,
+            steps_per_epoch,
+            ranks,
+            device,
+            state.ema,
         )
-        # Every rank computes the same bound from the same weights: no message needed.
-        val_bound = _val_bound(model, splits.val, config.train_k, device)
+        # With --ema-decay the averaged weights are the ones validated and kept.
+        weights = state.ema or None
+        training_weights = _copy_state(model) if weights else None
+        if weights:
+            model.load_state_dict(weights)
+        # Every rank computes the same bound from the same weights: no message needed. With
+        # no val split (--val-fraction 0) there is nothing to choose by: the last epoch is kept.
+        has_val = len(splits.val) > 0
+        val_bound = _val_bound(model, splits.val, config.train_k, device) if has_val else math.nan
         state.train_seconds += time.perf_counter() - start_time
         state.epoch = epoch + 1
         state.history.append({"epoch": epoch + 1, "loss": loss, "val_bound_nats": val_bound})
-        if val_bound > state.best_val_bound:
+        if not has_val or val_bound > state.best_val_bound:
             state.best_val_bound, state.best_epoch = val_bound, epoch + 1
             state.best_state = _copy_state(model)
+        if training_weights is not None:
+            model.load_state_dict(training_weights)
         bar.set_postfix({"loss": f"{loss:.2f}", bound_name: f"{val_bound:.2f}"})
         if ranks.main and (
             time.monotonic() - last_save >= config.save_interval_s or state.epoch == config.epochs
@@ -265,15 +305,18 @@ def _train_epoch(
     steps_per_epoch: int,
     ranks: Ranks,
     device: torch.device,
+    ema: dict[str, torch.Tensor],
 ) -> float:
     """One epoch over global batches of ``config.batch_size``; returns the mean loss per
-    image over all ranks."""
+    image over all ranks. ``ema`` (the weights' moving average, or empty) is updated after
+    every step."""
     model.train()
     split = splits.train
     order = torch.randperm(
         len(split), generator=seeded_generator("cpu", config.seed, _ORDER, epoch)
     )
     warmup_steps = config.kl_warmup_epochs * steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
     latent = model.config.latent_dim
     total, seen = 0.0, 0
     for i, begin in enumerate(range(0, len(split), config.batch_size)):
@@ -293,12 +336,17 @@ def _train_epoch(
             u = torch.rand((len(batch), *x.shape[1:]), generator=draw, device=device)
             x = (u[part] < x).to(x.dtype)
         weight = len(idx) / len(batch) * ranks.world_size
+        if config.lr_schedule != "constant":
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step, total_steps)
         loss = step_loss(x, y, beta, config.train_k, eps[:, part], weight)
         if not torch.isfinite(loss):
             raise RuntimeError(f"training diverged (loss {loss.item()}); try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema:
+            _update_ema(ema, model, config.ema_decay)
         if len(idx):
             total += loss.item() / weight * len(idx)
             seen += len(idx)
@@ -324,6 +372,16 @@ def _val_bound(model: VAE, split: Split, k: int, device: torch.device) -> float:
     return total / len(split)
 
 
+@torch.no_grad()
+def _update_ema(ema: dict[str, torch.Tensor], model: VAE, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · weights, for every floating-point tensor."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            ema[name].lerp_(value, 1.0 - decay)
+        else:
+            ema[name].copy_(value)
+
+
 def _copy_state(model: VAE) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -343,6 +401,7 @@ def _resume_state(
         "history": state.history,
         "train_seconds": state.train_seconds,
         "epoch": state.epoch,
+        "ema": {k: v.detach().clone() for k, v in state.ema.items()},
     }
 
 
@@ -365,6 +424,7 @@ def _restore(
         best_state={k: v.to(device) for k, v in best_state.items()},
         history=list(resume["history"]),
         train_seconds=resume["train_seconds"],
+        ema={k: v.to(device) for k, v in resume.get("ema", {}).items()},
     )
 
 
