@@ -8,9 +8,9 @@ check tensors and word their errors in one place.
 
 Each model version is served as one protocol model per kind (server/protocol_models.py):
 ``NAME-encoder``, ``NAME-decoder``, ``NAME-scorer`` and ``NAME-sampler``. Inference goes
-through the same batchers as the typed API. Also answers Triton's ``ModelConfig`` (its tools call it before
-inferring), ``ModelStatistics``, read from the server's metrics, and its repository API
-(index, load, unload) through ``ModelControl`` (server/model_control.py).
+through the same batchers as the typed API. Also answers Triton's ``ModelConfig`` (its tools
+call it before inferring), ``ModelStatistics``, read from the server's metrics, and its
+repository API (index, load, unload) through ``ModelControl`` (server/model_control.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from vaeserve.server.protocol_models import (
     GraphKind,
     ProtocolModelKind,
     ScorerKind,
+    batcher_of,
 )
 from vaeserve.server.repository import LoadedModel, ModelRegistry
 from vaeserve.server.settings import ServerSettings
@@ -194,7 +195,7 @@ class InferenceProtocol:
                 config_pb.ModelOutput(name=n, data_type=types[s.dtype], dims=dims(s))
                 for n, s in kind.outputs(model).items()
             ],
-            instance_group=[group(kind=instance_kind, count=kind.batcher(model).instances)],
+            instance_group=[group(kind=instance_kind, count=batcher_of(kind, model).instances)],
         )
         if implicit:  # Triton allows dynamic batching only with an implicit batch axis
             config.dynamic_batching.CopyFrom(

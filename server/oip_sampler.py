@@ -338,9 +338,6 @@ class SamplerKind:
     def outputs(self, model: LoadedModel) -> dict[str, TensorSpec]:
         return sampler_outputs(model.manifest)
 
-    def batcher(self, model: LoadedModel) -> DynamicBatcher:
-        return getattr(model, self.graph)  # every sample is one decoder row
-
     async def infer(
         self,
         model: LoadedModel,

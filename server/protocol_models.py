@@ -28,7 +28,7 @@ from vaeserve.server.repository import LoadedModel
 from vaeserve.server.settings import ServerSettings
 from vaeserve.server.validation import validate_score
 
-__all__ = ["PLATFORM", "Answer", "ProtocolModelKind", "GraphKind", "ScorerKind"]
+__all__ = ["PLATFORM", "Answer", "ProtocolModelKind", "batcher_of", "GraphKind", "ScorerKind"]
 
 PLATFORM = "onnxruntime_onnx"  # Triton's name for what serves these graphs
 SERVER_PLATFORM = "vaeserve"  # a kind the server computes around both graphs
@@ -69,8 +69,6 @@ class ProtocolModelKind(Protocol):
 
     def outputs(self, model: LoadedModel) -> dict[str, TensorSpec]: ...
 
-    def batcher(self, model: LoadedModel) -> DynamicBatcher: ...
-
     async def infer(
         self,
         model: LoadedModel,
@@ -84,6 +82,11 @@ class ProtocolModelKind(Protocol):
             InvalidRequest: naming the tensor or parameter and what was expected.
         """
         ...
+
+
+def batcher_of(kind: ProtocolModelKind, model: LoadedModel) -> DynamicBatcher:
+    """The batcher that runs ``kind``'s rows for ``model``: its queue, instances, statistics."""
+    return getattr(model, kind.graph)
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,6 @@ class GraphKind:
     def outputs(self, model: LoadedModel) -> dict[str, TensorSpec]:
         return getattr(model.manifest, self.suffix).outputs
 
-    def batcher(self, model: LoadedModel) -> DynamicBatcher:
-        return getattr(model, self.graph)
-
     async def infer(
         self,
         model: LoadedModel,
@@ -123,7 +123,7 @@ class GraphKind:
         names = convert.requested_outputs(request, specs)
         rows = len(next(iter(arrays.values())))
         convert.check_answer_fits(rows, names, specs, settings.max_message_bytes)
-        outputs = await self.batcher(model).run(arrays, deadline)
+        outputs = await batcher_of(self, model).run(arrays, deadline)
         return Answer({name: outputs[name] for name in names})
 
 
@@ -142,9 +142,6 @@ class ScorerKind:
 
     def outputs(self, model: LoadedModel) -> dict[str, TensorSpec]:
         return convert.scorer_outputs()
-
-    def batcher(self, model: LoadedModel) -> DynamicBatcher:
-        return getattr(model, self.graph)
 
     async def infer(
         self,
