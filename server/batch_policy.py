@@ -1,11 +1,17 @@
 """The batcher's three measured choices (docs/performance.md): when a batch waits for company,
 whether a run goes to a thread, and how idle instances share the queued rows.
 
-- **Queue delay.** It is only spent when it can buy company: while batches recently held more
-  than one request (``queue_delay_policy`` "adaptive", the default; "always" waits for every
-  batch, as Triton does). A lone closed-loop caller never has company, so waiting would only
-  add the delay to every call; its first batch-mate turns the wait back on. Requests that
-  arrive while a batch computes share the next batch either way.
+- **Queue delay.** ``queue_delay_policy`` "always" waits up to the delay for every batch, as
+  Triton does. "adaptive" (the default) never makes a request wait while a run could start
+  now on an idle core, and otherwise only waits when waiting pays: company is likely (a
+  batch of the last second was shared, and requests arrive less than the delay apart on
+  average), the process is using every core (so the CPU a merged run saves goes to other
+  calls), and the queued rows' measured run cost is mostly the per-run fixed cost (at most
+  twice the smallest run's): merging two such runs saves about a run. It stops waiting once
+  as many requests are queued as were ever waiting at once in the last second (nobody else
+  is on the way). A lone caller never has company; 64-row requests gain ~10 % CPU from
+  merging and would lose the idle instance's time (the 64 x 4 loss of docs/performance.md).
+  Requests that arrive while a batch computes share the next batch either way.
 - **Inline runs.** A run goes to one of the batcher's threads (onnxruntime releases the GIL,
   so the event loop keeps accepting calls meanwhile), unless runs of that size have been
   measured to take less than ``INLINE_RUN_S``: then it runs on the event loop itself, because
@@ -20,9 +26,12 @@ whether a run goes to a thread, and how idle instances share the queued rows.
 from __future__ import annotations
 
 import math
+import os
+import time
 
 __all__ = [
     "COMPANY_MEMORY_S",
+    "CpuLoad",
     "INLINE_RUN_S",
     "MIN_SHARED_ROWS",
     "DelayPolicy",
@@ -34,26 +43,102 @@ __all__ = [
 COMPANY_MEMORY_S = 1.0
 # Runs measured faster than this run on the event loop instead of a worker thread.
 INLINE_RUN_S = 200e-6
+# Per-run fixed cost: a run of the queued rows measured within this factor of a 1-row run
+# is mostly fixed cost, so merging it with a batch-mate saves about a run.
+FIXED_COST_FACTOR = 2.0
+# Run costs are moving averages with this weight on the newest run.
+RUN_WEIGHT = 0.25
+# The arrival gap is a moving average with this weight on the newest gap.
+GAP_WEIGHT = 0.1
+# How often the process's CPU use is re-read (seconds).
+CPU_WINDOW_S = 0.02
 # With several instances idle, queued rows are shared out in runs of at least this many
 # (the last run takes what is left).
 MIN_SHARED_ROWS = 64
 
 
+class CpuLoad:
+    """Cores' worth of CPU this process used over the last window, all threads together."""
+
+    def __init__(self) -> None:
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1
+        )  # fmt: skip
+        self._wall, self._cpu = time.monotonic(), time.process_time()
+        self._busy = 0.0
+
+    def saturated(self) -> bool:
+        """Whether no core is left idle: the process used more than all cores but one."""
+        wall = time.monotonic()
+        if wall - self._wall >= CPU_WINDOW_S:
+            cpu = time.process_time()
+            self._busy = (cpu - self._cpu) / (wall - self._wall)
+            self._wall, self._cpu = wall, cpu
+        return self._busy > self.cores - 1
+
+
 class DelayPolicy:
     """How long the head of the queue may wait for batch-mates."""
 
-    def __init__(self, max_queue_delay_ms: float, policy: str):
+    def __init__(self, max_queue_delay_ms: float, policy: str, cpu: CpuLoad | None = None):
         self.delay_s = max_queue_delay_ms / 1000.0
         self._always = policy == "always"
         self._shared_at = -math.inf  # clock time of the last batch that held several requests
+        self._arrived_at = -math.inf
+        self._gap_s = math.inf  # moving average of the time between arrivals
+        self._cpu = cpu or CpuLoad()
+        self._callers = 0  # callers waiting for their results: queued or computing
+        self._peak = 0  # the most callers at once since _peak_since
+        self._peak_since = -math.inf
+
+    def caller_in(self, now: float) -> None:
+        self._callers += 1
+        if now - self._peak_since > COMPANY_MEMORY_S:  # a fresh window: forget old crowds
+            self._peak, self._peak_since = self._callers, now
+        else:
+            self._peak = max(self._peak, self._callers)
+
+    def caller_out(self) -> None:
+        self._callers -= 1
+
+    def everyone_queued(self, queued: int) -> bool:
+        """Whether as many requests are queued as ever waited at once of late: under the
+        adaptive policy a batch stops waiting then, since nobody else is on the way (a closed
+        loop of C clients sends at most C at once)."""
+        return not self._always and queued >= self._peak
+
+    def arrived(self, now: float) -> None:
+        gap = now - self._arrived_at
+        self._arrived_at = now
+        if gap > COMPANY_MEMORY_S:
+            self._gap_s = math.inf  # a quiet spell: the old rate says nothing
+        elif self._gap_s == math.inf:
+            self._gap_s = gap
+        else:
+            self._gap_s += GAP_WEIGHT * (gap - self._gap_s)
 
     def batch_taken(self, requests: int, now: float) -> None:
         if requests > 1:
             self._shared_at = now
 
-    def worth_waiting(self, now: float) -> bool:
-        """Whether company is likely: always, or a recent batch was shared."""
-        return self._always or now - self._shared_at <= COMPANY_MEMORY_S
+    def lone(self, now: float) -> bool:
+        """No company of late: a request may skip the queue (the batcher's fast path)."""
+        return not self._always and now - self._shared_at > COMPANY_MEMORY_S
+
+    def worth_waiting(self, now: float, run_s: float, fixed_s: float) -> bool:
+        """Whether the head of the queue should wait for company (see the module docstring).
+
+        Args:
+            run_s: the measured cost of a run of the queued rows (inf: not measured).
+            fixed_s: the per-run fixed cost, as measured (inf: not measured).
+        """
+        if self._always:
+            return True
+        if now - self._shared_at > COMPANY_MEMORY_S or self._gap_s >= self.delay_s:
+            return False
+        if run_s != math.inf and fixed_s != math.inf and run_s > FIXED_COST_FACTOR * fixed_s:
+            return False
+        return self._cpu.saturated()
 
     def remaining_s(self, oldest_enqueued: float, now: float) -> float:
         """Seconds the oldest queued request may still wait (<= 0: close the batch now)."""
@@ -64,14 +149,26 @@ class InlineChoice:
     """Runs of a size measured to be tiny run on the event loop; the rest on a thread."""
 
     def __init__(self) -> None:
-        # Last measured run time by rows.bit_length(): sizes within a factor of two alike.
+        # Measured run time by rows.bit_length(): sizes within a factor of two alike.
         self._run_s: dict[int, float] = {}
 
     def record(self, rows: int, seconds: float) -> None:
-        self._run_s[rows.bit_length()] = seconds
+        # A moving average: on shared cores one preempted run would otherwise send its size
+        # to the threads (or make it look costly) until the next run of that size.
+        key = rows.bit_length()
+        old = self._run_s.get(key)
+        self._run_s[key] = seconds if old is None else old + RUN_WEIGHT * (seconds - old)
 
     def inline(self, rows: int) -> bool:
         return self._run_s.get(rows.bit_length(), math.inf) < INLINE_RUN_S
+
+    def run_s(self, rows: int) -> float:
+        """The measured cost of a run of about ``rows`` rows (inf: never measured)."""
+        return self._run_s.get(rows.bit_length(), math.inf)
+
+    def fixed_s(self) -> float:
+        """The per-run fixed cost, bounded by the smallest size measured (inf: none yet)."""
+        return self._run_s[min(self._run_s)] if self._run_s else math.inf
 
 
 def instance_share(max_rows: int, queued_rows: int, idle: int) -> int:

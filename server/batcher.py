@@ -116,6 +116,7 @@ class DynamicBatcher:
         self._inline = InlineChoice()
         self._waiter: asyncio.Future[None] | None = None
         self._waiting_for_work = False
+        self._waiting_for_company = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._instances = settings.instances or 1  # 0 (auto) is resolved by the registry
@@ -182,10 +183,28 @@ class DynamicBatcher:
             )
         rows = len(next(iter(inputs.values())))
         assert rows > 0, "requests are validated to hold at least one row"
-        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         enqueued = self._clock()
+        self._delay.arrived(enqueued)
+        loop = asyncio.get_running_loop()
+        if (
+            self._waiting_for_work
+            and not queue
+            and self._inline.inline(rows)
+            and len(self._running) < self._instances
+            and self._delay.lone(enqueued)
+            and (deadline is None or enqueued < deadline)
+            and not getattr(loop, "_ready", True)
+        ):
+            return self._run_alone(inputs, rows, enqueued)
+        future: asyncio.Future[Arrays] = loop.create_future()
         queue.append(QueuedRequest(inputs, rows, deadline, enqueued, future))
-        if self._waiting_for_work or queue.rows >= self._max_rows:
+        delay = self._delay
+        delay.caller_in(enqueued)
+        if (
+            self._waiting_for_work
+            or queue.rows >= self._max_rows
+            or (self._waiting_for_company and delay.everyone_queued(len(queue)))
+        ):
             self._notify()
         try:
             result = await future
@@ -194,8 +213,41 @@ class DynamicBatcher:
                 queue.abandoned += 1
             self._observer.on_request(self._clock() - enqueued, ok=False)
             raise
+        finally:
+            delay.caller_out()
         self._observer.on_request(self._clock() - enqueued, ok=True)
         return result
+
+    def _run_alone(self, inputs: Mapping[str, np.ndarray], rows: int, enqueued: float) -> Arrays:
+        """The fast path of a lone small request: run it here and now. The queue, the future,
+        the batching task's wake-up and the hand-back cost more than the run; the stats, the
+        observer's events and the errors are the queued path's.
+
+        Lone means: nothing queued, the batching task idle, an instance free, no shared batch
+        of late, a run measured to be tiny, and nothing else ready to run on the event loop.
+        The last one matters: gRPC hands a burst of calls to the loop at once, and each would
+        find the queue empty, run alone and never share; a burst shows as handlers waiting in
+        asyncio's ready queue (``loop._ready``; a loop without one never takes this path)."""
+        observer, stats = self._observer, self._stats
+        observer.on_dequeue(0.0)
+        stats.batches += 1
+        stats.rows += rows
+        stats.batch_sizes[rows] += 1
+        stats.requests_per_batch[1] += 1
+        stats.inline_runs += 1
+        start = time.perf_counter()
+        try:
+            outputs = self._run_small(dict(inputs))
+        except Exception:
+            stats.failed_runs += 1
+            observer.on_batch(rows, time.perf_counter() - start)
+            observer.on_request(self._clock() - enqueued, ok=False)
+            raise
+        elapsed = time.perf_counter() - start
+        self._inline.record(rows, elapsed)
+        observer.on_batch(rows, elapsed)
+        observer.on_request(self._clock() - enqueued, ok=True)
+        return dict(outputs)
 
     # --- the batching task (event loop) ---
 
@@ -229,14 +281,24 @@ class DynamicBatcher:
             raise
 
     async def _wait_for_company(self) -> None:
-        if not self._delay.worth_waiting(self._clock()):
+        inline = self._inline
+        if not self._delay.worth_waiting(
+            self._clock(), inline.run_s(self._queue.rows), inline.fixed_s()
+        ):
             return
         # A sweep may empty the queue while this waits.
-        while self._queue and self._queue.rows < self._max_rows and not self._stopping:
-            remaining = self._delay.remaining_s(self._queue.oldest_enqueued(), self._clock())
-            if remaining <= 0:
-                return
-            await self._sleep(remaining)
+        queue, delay = self._queue, self._delay
+        self._waiting_for_company = True
+        try:
+            while queue and queue.rows < self._max_rows and not self._stopping:
+                if delay.everyone_queued(len(queue)):
+                    return
+                remaining = delay.remaining_s(queue.oldest_enqueued(), self._clock())
+                if remaining <= 0:
+                    return
+                await self._sleep(remaining)
+        finally:
+            self._waiting_for_company = False
 
     async def _sleep(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()

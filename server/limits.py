@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
 from typing import Any
 
 import grpc
@@ -57,13 +57,10 @@ class _Refused:
         self.message = message
 
 
-class _Call:
-    """One call's share of the bounds, released when it ends."""
-
-    __slots__ = ("request_bytes",)
-
-    def __init__(self) -> None:
-        self.request_bytes = 0
+# The request bytes of the call in progress: set by its parser, read by its behavior. grpc.aio
+# runs both in the call's own task (so in its own context), which lets one wrapped handler per
+# method serve every call instead of a handler and closures built per call.
+_REQUEST_BYTES: contextvars.ContextVar[int] = contextvars.ContextVar("request_bytes", default=0)
 
 
 class RequestLimits(grpc.aio.ServerInterceptor):
@@ -74,6 +71,9 @@ class RequestLimits(grpc.aio.ServerInterceptor):
         self.inflight_calls = 0
         self.inflight_request_bytes = 0
         self.pending_answer_bytes = 0
+        # method -> (the handler it was built from, the wrapped handler). Only methods with a
+        # handler are kept, so this holds at most the server's methods.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -84,21 +84,28 @@ class RequestLimits(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method or ""
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         s = self._settings
         cap = s.max_message_bytes if method in TENSOR_METHODS else s.max_small_request_bytes
         if handler.request_streaming:  # reflection: a size bound only
             keep = lambda behavior: behavior  # noqa: E731
             return rewrapped(handler, keep, keep, _size_bounded(handler.request_deserializer, cap))
-        call = _Call()
         return rewrapped(
             handler,
-            partial(self._unary, call=call),
-            partial(self._streaming, call=call),
-            self._admitting(handler.request_deserializer, cap, call),
+            self._unary,
+            self._streaming,
+            self._admitting(handler.request_deserializer, cap),
         )
 
     def _admitting(
-        self, deserialize: Callable[[bytes], Any] | None, cap: int, call: _Call
+        self, deserialize: Callable[[bytes], Any] | None, cap: int
     ) -> Callable[[bytes], Any]:
         """The request parser, behind the size bound and the in-flight bounds."""
         s = self._settings
@@ -119,40 +126,42 @@ class RequestLimits(grpc.aio.ServerInterceptor):
                     f"progress (max_inflight_request_bytes {s.max_inflight_request_bytes}); "
                     "retry with backoff"
                 )
-            call.request_bytes = len(data)
+            _REQUEST_BYTES.set(len(data))
             return data if deserialize is None else deserialize(data)
 
         return parse
 
     # The counts move only in the behaviors, whose finally always runs: a call that ends
     # before its behavior starts (cancelled while arriving) never entered them.
-    def _enter(self, call: _Call) -> None:
+    def _enter(self) -> int:
+        request_bytes = _REQUEST_BYTES.get()
         self.inflight_calls += 1
-        self.inflight_request_bytes += call.request_bytes
+        self.inflight_request_bytes += request_bytes
+        return request_bytes
 
-    def _leave(self, call: _Call) -> None:
+    def _leave(self, request_bytes: int) -> None:
         self.inflight_calls -= 1
-        self.inflight_request_bytes -= call.request_bytes
+        self.inflight_request_bytes -= request_bytes
 
-    def _unary(self, behavior: Callable[..., Awaitable[Any]], call: _Call) -> Callable:
+    def _unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, _Refused):
+            if type(request) is _Refused:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, request.message)
-            self._enter(call)
+            request_bytes = self._enter()
             try:
                 return await behavior(request, context)
             finally:
-                self._leave(call)
+                self._leave(request_bytes)
 
         return unary
 
-    def _streaming(self, behavior: Callable[..., AsyncIterator[Any]], call: _Call) -> Callable:
+    def _streaming(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable:
         s = self._settings
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if isinstance(request, _Refused):
+            if type(request) is _Refused:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, request.message)
-            self._enter(call)
+            request_bytes = self._enter()
             try:
                 async for answer in behavior(request, context):
                     size = len(answer) if isinstance(answer, bytes) else 0
@@ -175,7 +184,7 @@ class RequestLimits(grpc.aio.ServerInterceptor):
                         self.pending_answer_bytes -= size
                         stall.cancel()
             finally:
-                self._leave(call)
+                self._leave(request_bytes)
 
         return streaming
 

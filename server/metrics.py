@@ -6,19 +6,28 @@ Three sources feed it, each through one narrow hook rather than calls spread ove
 ``set_model_state`` (the repository: load state of each version). Queue depths are read from
 the batchers when scraped. ``graph_statistics`` reads the Open Inference Protocol's
 ``ModelStatistics`` numbers back out of the same registry, so the two always agree.
+
+Every served call updates several counters and histograms, so those are kept in plain numbers
+(``_Family``) and exported by a collector with prometheus_client's own names, labels and
+samples: an event is a ``bisect`` and two adds under one lock, where prometheus_client takes a
+lock per value and scans the buckets (docs/performance.md, issue 17).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge, metrics, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "MODEL_STATES",
@@ -98,6 +107,109 @@ class GraphObserver:
             self._failed.observe(total_s)
 
 
+class _CounterChild:
+    __slots__ = ("value", "created", "_lock")
+
+    def __init__(self, lock: threading.Lock):
+        self.value = 0.0
+        self.created = time.time()
+        self._lock = lock
+
+    def inc(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self.value += amount
+
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        out = [("_total", {}, self.value)]
+        return out + [("_created", {}, self.created)] if metrics._use_created else out
+
+
+class _GaugeChild(_CounterChild):
+    __slots__ = ()
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        return [("", {}, self.value)]
+
+
+class _HistogramChild:
+    __slots__ = ("_bounds", "_labels", "counts", "sum", "created", "_lock")
+
+    def __init__(self, lock: threading.Lock, bounds: list[float], labels: list[dict[str, str]]):
+        self._bounds, self._labels, self._lock = bounds, labels, lock
+        self.counts = [0] * len(bounds)  # per bucket, not yet cumulative
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        # The first bound >= value, as prometheus_client's linear scan finds it.
+        with self._lock:
+            self.counts[bisect.bisect_left(self._bounds, value)] += 1
+            self.sum += value
+
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        with self._lock:
+            counts, total = list(self.counts), self.sum
+        out, acc = [], 0.0
+        for labels, count in zip(self._labels, counts, strict=True):
+            acc += count
+            out.append(("_bucket", labels, acc))
+        out += [("_count", {}, acc), ("_sum", {}, total)]
+        return out + [("_created", {}, self.created)] if metrics._use_created else out
+
+
+class _Family:
+    """A labelled metric kept in plain numbers and exported by ``_FastCollector``: the same
+    names, labels and samples as prometheus_client's Counter, Gauge and Histogram, without
+    their per-call costs (a lock per value, a label tuple built per lookup, a linear bucket
+    scan); every served call updates several of these."""
+
+    def __init__(self, kind: str, name: str, doc: str, labelnames: Iterable[str],
+                 buckets: Iterable[float] = ()):  # fmt: skip
+        self.kind, self.name, self.doc = kind, name, doc
+        self.labelnames = tuple(labelnames)
+        self._bounds = [*(float(b) for b in buckets), math.inf]
+        self._bucket_labels = [{"le": floatToGoString(b)} for b in self._bounds]
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        if named:
+            values = tuple(named[n] for n in self.labelnames)
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {key}")
+            if self.kind == "histogram":
+                child = _HistogramChild(self._lock, self._bounds, self._bucket_labels)
+            else:
+                child = (_CounterChild if self.kind == "counter" else _GaugeChild)(self._lock)
+            child = self._children.setdefault(key, child)
+        return child
+
+    def metric(self, with_samples: bool = True) -> Metric:
+        metric = Metric(self.name, self.doc, self.kind)
+        for key, child in list(self._children.items()) if with_samples else ():
+            labels = dict(zip(self.labelnames, key, strict=True))
+            for suffix, extra, value in child.samples():
+                metric.add_sample(self.name + suffix, {**labels, **extra}, value)
+        return metric
+
+
+class _FastCollector(Collector):
+    def __init__(self, families: list[_Family]):
+        self._families = families
+
+    def describe(self) -> Iterable[Metric]:
+        return [family.metric(with_samples=False) for family in self._families]
+
+    def collect(self) -> Iterable[Metric]:
+        return [family.metric() for family in self._families]
+
+
 class _DepthCollector(Collector):
     """Queue depth per graph, read from the live batchers at scrape time."""
 
@@ -120,38 +232,42 @@ class ServerMetrics:
     def __init__(self, max_batch_size: int = 1024):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "vaeserve_requests", "RPCs answered, by method, model and status code.",
-            ("rpc", "model", "code"), registry=r,
+        self.requests = _Family(
+            "counter", "vaeserve_requests", "RPCs answered, by method, model and status code.",
+            ("rpc", "model", "code"),
         )  # fmt: skip
-        self.failures = Counter(
-            "vaeserve_request_failures", "RPCs answered with a status other than OK.",
-            ("rpc", "model", "code"), registry=r,
+        self.failures = _Family(
+            "counter", "vaeserve_request_failures", "RPCs answered with a status other than OK.",
+            ("rpc", "model", "code"),
         )  # fmt: skip
-        self.latency = Histogram(
-            "vaeserve_request_latency_seconds", "Time from receiving an RPC to its status.",
-            ("rpc", "model"), buckets=_TIME_BUCKETS, registry=r,
+        self.latency = _Family(
+            "histogram", "vaeserve_request_latency_seconds",
+            "Time from receiving an RPC to its status.", ("rpc", "model"), _TIME_BUCKETS,
         )  # fmt: skip
-        self.queue_seconds = Histogram(
-            "vaeserve_queue_seconds", "Time a request waited in a batcher queue.",
-            _GRAPH_LABELS, buckets=_TIME_BUCKETS, registry=r,
+        self.queue_seconds = _Family(
+            "histogram", "vaeserve_queue_seconds", "Time a request waited in a batcher queue.",
+            _GRAPH_LABELS, _TIME_BUCKETS,
         )  # fmt: skip
-        self.compute_seconds = Histogram(
-            "vaeserve_compute_seconds", "Time of one batched onnxruntime run.",
-            _GRAPH_LABELS, buckets=_TIME_BUCKETS, registry=r,
+        self.compute_seconds = _Family(
+            "histogram", "vaeserve_compute_seconds", "Time of one batched onnxruntime run.",
+            _GRAPH_LABELS, _TIME_BUCKETS,
         )  # fmt: skip
-        self.batch_size = Histogram(
-            "vaeserve_batch_size", "Rows of each executed batch.",
-            _GRAPH_LABELS, buckets=_size_buckets(max_batch_size), registry=r,
+        self.batch_size = _Family(
+            "histogram", "vaeserve_batch_size", "Rows of each executed batch.",
+            _GRAPH_LABELS, _size_buckets(max_batch_size),
         )  # fmt: skip
-        self.inference_seconds = Histogram(
-            "vaeserve_inference_seconds", "Time from submitting a request to a batcher to its "
-            "result, by outcome.", (*_GRAPH_LABELS, "outcome"), buckets=_TIME_BUCKETS, registry=r,
+        self.inference_seconds = _Family(
+            "histogram", "vaeserve_inference_seconds", "Time from submitting a request to a "
+            "batcher to its result, by outcome.", (*_GRAPH_LABELS, "outcome"), _TIME_BUCKETS,
         )  # fmt: skip
-        self.last_inference = Gauge(
-            "vaeserve_last_inference_timestamp_seconds", "Unix time of a graph's last success.",
-            _GRAPH_LABELS, registry=r,
+        self.last_inference = _Family(
+            "gauge", "vaeserve_last_inference_timestamp_seconds",
+            "Unix time of a graph's last success.", _GRAPH_LABELS,
         )  # fmt: skip
+        r.register(_FastCollector([
+            self.requests, self.failures, self.latency, self.queue_seconds, self.compute_seconds,
+            self.batch_size, self.inference_seconds, self.last_inference,
+        ]))  # fmt: skip
         self.model_state = Gauge(
             "vaeserve_model_state", "1 for the state each model version is in, else 0.",
             ("model", "version", "state"), registry=r,

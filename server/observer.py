@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from vaeserve.server.handlers import rewrapped
+from vaeserve.server.handlers import DetachedRequest, rewrapped
 from vaeserve.server.metrics import ServerMetrics
 
 __all__ = ["RequestObserver", "UNKNOWN_MODEL", "model_name_of"]
@@ -38,16 +38,39 @@ _CLIENT_CODES = frozenset(
 
 def model_name_of(request: Any) -> str:
     """The model a request names, or "" if it names none (health, ServerLive, ListModels)."""
+    key = (type(request), type(request.message)) if type(request) is DetachedRequest else (
+        type(request)
+    )  # fmt: skip
+    path = _PATH_OF_TYPE.get(key, _UNSEEN)
+    if path is not _UNSEEN:
+        value = _follow(request, path) if path else None
+        return value if isinstance(value, str) else ""
     for path in _NAME_PATHS:
-        value = request
-        try:
-            for attr in path:
-                value = getattr(value, attr)
-        except AttributeError:
-            continue
+        value = _follow(request, path)
         if isinstance(value, str):
+            if len(_PATH_OF_TYPE) < _TYPES_KEPT:
+                _PATH_OF_TYPE[key] = path
             return value
+    if len(_PATH_OF_TYPE) < _TYPES_KEPT:
+        _PATH_OF_TYPE[key] = ()
     return ""
+
+
+# Where each request type names its model (which of _NAME_PATHS; () for none): a protobuf
+# type's fields are the same for every request, and a failed getattr costs an exception.
+_PATH_OF_TYPE: dict[Any, tuple[str, ...]] = {}
+_STREAMED: dict[type, bool] = {}  # whether a request type is a client stream
+_TYPES_KEPT = 256
+_UNSEEN = object()
+
+
+def _follow(value: Any, path: tuple[str, ...]) -> Any:
+    try:
+        for attr in path:
+            value = getattr(value, attr)
+    except AttributeError:
+        return None
+    return value
 
 
 class RequestObserver(grpc.aio.ServerInterceptor):
@@ -60,6 +83,10 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         """
         self._metrics = metrics
         self._model_label = model_label
+        # method -> (the inner handler, its wrapped handler): the inner handlers are built once
+        # per method (RequestLimits), so one wrapped handler serves every call. Only methods
+        # with a handler are kept, so this holds at most the server's methods.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -69,8 +96,14 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        rpc = (handler_call_details.method or "").rsplit("/", 1)[-1]
-        return rewrapped(handler, partial(self._unary, rpc), partial(self._stream, rpc))
+        method = handler_call_details.method or ""
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        rpc = method.rsplit("/", 1)[-1]
+        wrapped = rewrapped(handler, partial(self._unary, rpc), partial(self._stream, rpc))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _unary(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -119,9 +152,12 @@ class RequestObserver(grpc.aio.ServerInterceptor):
     ) -> None:  # fmt: skip
         latency = time.perf_counter() - start
         code = failure or _code(context) or "OK"
-        requested = "" if inspect.isasyncgen(request) or hasattr(request, "__aiter__") else (
-            model_name_of(request)
-        )  # fmt: skip
+        streamed = _STREAMED.get(type(request))
+        if streamed is None:  # a client stream names no model; hasattr costs an exception
+            streamed = inspect.isasyncgen(request) or hasattr(request, "__aiter__")
+            if len(_STREAMED) < _TYPES_KEPT:
+                _STREAMED[type(request)] = streamed
+        requested = "" if streamed else model_name_of(request)
         model = self._model_label(requested) if requested else ""
         self._metrics.observe_request(rpc, model, code, latency)
         if code == "OK":

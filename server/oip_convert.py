@@ -171,12 +171,13 @@ def decode_inputs(
             disagrees with the graph, contents that do not fill the shape, mixed raw and typed
             contents, inputs with different batch sizes, or more than ``max_rows`` rows.
     """
-    raw = _raw_contents(request)
-    names = [t.name for t in request.inputs]
+    inputs = request.inputs  # a lookup through DetachedRequest and protobuf: once
+    raw = _raw_contents(request, inputs)
+    names = [t.name for t in inputs]
     if sorted(names) != sorted(specs):
         raise InvalidRequest(f"inputs are {names}, expected exactly {sorted(specs)}")
     arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+    for i, tensor in enumerate(inputs):
         shape = _checked_shape(tensor, specs[tensor.name], max_rows)
         if raw:
             if tensor.HasField("contents"):
@@ -203,8 +204,8 @@ def _checked_shape(
             f"input '{tensor.name}' has datatype {tensor.datatype!r}, expected {expected_type!r}"
         )
     shape = tuple(tensor.shape)
-    wanted = [-1, *spec.shape[1:]]
-    if len(shape) != len(spec.shape) or list(shape[1:]) != wanted[1:]:
+    if len(shape) != len(spec.shape) or shape[1:] != tuple(spec.shape[1:]):
+        wanted = [-1, *spec.shape[1:]]
         raise InvalidRequest(
             f"input '{tensor.name}' has shape {list(shape)}, expected {wanted} (-1: batch axis)"
         )
@@ -328,13 +329,16 @@ def encode_outputs(
     return protowire.serialize(response, contents)
 
 
-def _raw_contents(request: pb.ModelInferRequest) -> Sequence[Any]:
+def _raw_contents(
+    request: pb.ModelInferRequest, inputs: Sequence[Any] | None = None
+) -> Sequence[Any]:
     """The request's raw_input_contents (detached from gRPC's buffer when they were), one
-    per input or none."""
+    per input or none. ``inputs``: ``request.inputs``, if the caller has it already."""
     raw = detached_bytes(request, "raw_input_contents") or request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidRequest(
-            f"raw_input_contents has {len(raw)} entries, expected one per input "
-            f"({len(request.inputs)})"
-        )
+    if raw:
+        count = len(request.inputs if inputs is None else inputs)
+        if len(raw) != count:
+            raise InvalidRequest(
+                f"raw_input_contents has {len(raw)} entries, expected one per input ({count})"
+            )
     return raw

@@ -207,7 +207,15 @@ def test_policy_always_makes_even_a_lone_caller_wait_the_delay():
     assert waited_s >= delay_ms / 1000 * 0.9
 
 
-def test_after_a_shared_batch_a_request_waits_the_delay_for_company():
+def cores(monkeypatch, busy: bool) -> None:
+    """Make the batcher see every core busy (or one idle), whatever this machine is doing."""
+    monkeypatch.setattr(batch_policy.CpuLoad, "saturated", lambda self: busy)
+
+
+def test_after_a_shared_batch_a_request_waits_the_delay_for_company_when_no_core_is_idle(
+    monkeypatch,
+):
+    cores(monkeypatch, busy=True)
     runner = FakeRunner(gate=threading.Event())
     delay_ms = 30.0
 
@@ -226,6 +234,105 @@ def test_after_a_shared_batch_a_request_waits_the_delay_for_company():
     assert runner.batches == [[0], [10, 11], [20]]
     # Time is the feature (the delay); a lower bound only, 10 % off for an early timer.
     assert waited_s >= delay_ms / 1000 * 0.9
+
+
+def after_a_shared_batch(first_rows: int, then_rows: int):
+    """A scenario: a shared batch, then a request of ``then_rows`` rows alone; its wait."""
+
+    async def scenario(batcher):
+        busy = asyncio.ensure_future(batcher.run(rows(0, first_rows)))
+        await started(batcher._runner)
+        pair = [asyncio.ensure_future(batcher.run(rows(100 + 10 * i, 1))) for i in range(2)]
+        await asyncio.sleep(0)  # both queue while the runner is busy: they share the next batch
+        batcher._runner.gate.set()
+        await asyncio.gather(busy, *pair)
+        await bounded(batcher.run(rows(200, then_rows)))  # never ends if it waits
+
+    return scenario
+
+
+def test_with_a_core_idle_a_request_never_waits_for_company(monkeypatch):
+    cores(monkeypatch, busy=False)
+    runner = FakeRunner(gate=threading.Event())
+    run_batcher(runner, batching(max_queue_delay_ms=HOLD_MS), after_a_shared_batch(1, 1))
+    assert runner.batches == [[0], [100, 110], [200]]
+
+
+class CostlyRunner(FakeRunner):
+    """A run costs ``per_row_s`` per row (a busy wait): its cost is mostly per row."""
+
+    def __init__(self, per_row_s: float):
+        super().__init__(gate=threading.Event())
+        self.per_row_s = per_row_s
+
+    def run(self, inputs):
+        deadline = time.perf_counter() + self.per_row_s * len(inputs["x"])
+        while time.perf_counter() < deadline:
+            pass
+        return super().run(inputs)
+
+
+def test_rows_whose_run_is_mostly_per_row_cost_never_wait_even_on_busy_cores(monkeypatch):
+    # Time is the feature (measured run costs). 1 ms a row: a 16-row run measures ~16x a
+    # 1-row run, far past FIXED_COST_FACTOR on any machine.
+    cores(monkeypatch, busy=True)
+    runner = CostlyRunner(per_row_s=0.001)
+    settings = batching(max_batch_size=64, max_queue_delay_ms=HOLD_MS)
+    run_batcher(runner, settings, after_a_shared_batch(16, 16))
+    assert runner.sizes() == [16, 2, 16]
+
+
+def test_a_lone_small_request_skips_the_queue_with_the_queued_paths_stats(monkeypatch):
+    events = []
+
+    class Observer:
+        def on_dequeue(self, queue_s):
+            events.append("dequeue")
+
+        def on_batch(self, rows, compute_s):
+            events.append(("batch", rows))
+
+        def on_request(self, total_s, ok):
+            events.append(("request", ok))
+
+    runner = ThreadRecordingRunner(run_s=0.0)
+
+    async def scenario(batcher):
+        await batcher.run(rows(0, 2))  # measured on the worker thread
+        queued = batcher._queue.append
+        monkeypatch.setattr(batcher._queue, "append", lambda r: pytest.fail("queued"))
+        answer = await batcher.run(rows(10, 2))
+        monkeypatch.setattr(batcher._queue, "append", queued)
+        poisoned = rows(20, 2, value=POISON - 20)
+        with pytest.raises(RuntimeError, match="poisoned row"):
+            await batcher.run(poisoned)
+        return answer, batcher.stats
+
+    answer, stats = run_batcher(runner, batching(max_batch_size=8), scenario, observer=Observer())
+    np.testing.assert_array_equal(answer["y"], expected(rows(10, 2)))
+    assert runner.threads[1:] == [threading.main_thread().name] * 2
+    assert events == ["dequeue", ("batch", 2), ("request", True)] * 2 + [
+        "dequeue", ("batch", 2), ("request", False)
+    ]  # fmt: skip
+    assert (stats.batches, stats.rows, stats.inline_runs, stats.failed_runs) == (3, 6, 2, 1)
+    assert stats.requests_per_batch == {1: 3} and stats.batch_sizes == {2: 3}
+
+
+def test_a_batch_stops_waiting_once_every_recent_caller_is_queued(monkeypatch):
+    # Two closed-loop callers, busy cores, a delay longer than the test may take: each round's
+    # batch closes as soon as both are queued, since nobody else is on the way.
+    cores(monkeypatch, busy=True)
+    runner = FakeRunner()
+
+    async def scenario(batcher):
+        async def client(first: int) -> None:
+            for i in range(3):
+                await batcher.run(rows(first + i, 1))
+
+        await bounded(asyncio.gather(client(0), client(10)))
+
+    run_batcher(runner, batching(max_queue_delay_ms=HOLD_MS), scenario)
+    assert runner.batches == [[0, 10], [1, 11], [2, 12]]
 
 
 def test_company_is_forgotten_after_a_quiet_second():

@@ -78,6 +78,71 @@ def test_requests_and_failures_by_rpc_model_and_code():
     assert get("vaeserve_request_latency_seconds_count", latency) == 2
 
 
+def test_the_exposition_is_prometheus_clients_own(monkeypatch):
+    """The plain-number families expose what prometheus_client's Counter, Histogram and Gauge
+    would for the same events: names, labels, buckets, values (the _created times aside)."""
+    import re
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from vaeserve.server import metrics as module
+
+    monkeypatch.setattr(module.time, "time", lambda: 1234.5)
+    ours = ServerMetrics(max_batch_size=8)
+    reference = CollectorRegistry()
+    requests = Counter("vaeserve_requests", ours.requests.doc, ("rpc", "model", "code"),
+                       registry=reference)  # fmt: skip
+    failures = Counter("vaeserve_request_failures", ours.failures.doc,
+                       ("rpc", "model", "code"), registry=reference)  # fmt: skip
+    latency = Histogram("vaeserve_request_latency_seconds", ours.latency.doc, ("rpc", "model"),
+                        buckets=module._TIME_BUCKETS, registry=reference)  # fmt: skip
+    labels = ("model", "version", "graph")
+    histograms = {
+        name: Histogram(name, family.doc, labels, buckets=buckets, registry=reference)
+        for name, family, buckets in (
+            ("vaeserve_queue_seconds", ours.queue_seconds, module._TIME_BUCKETS),
+            ("vaeserve_compute_seconds", ours.compute_seconds, module._TIME_BUCKETS),
+            ("vaeserve_batch_size", ours.batch_size, module._size_buckets(8)),
+        )
+    }
+    inference = Histogram("vaeserve_inference_seconds", ours.inference_seconds.doc,
+                          (*labels, "outcome"), buckets=module._TIME_BUCKETS,
+                          registry=reference)  # fmt: skip
+    last = Gauge("vaeserve_last_inference_timestamp_seconds", ours.last_inference.doc, labels,
+                 registry=reference)  # fmt: skip
+    Gauge("vaeserve_model_state", "1 for the state each model version is in, else 0.",
+          ("model", "version", "state"), registry=reference)  # fmt: skip
+    Gauge("vaeserve_queue_depth", "Requests waiting in a graph's batcher queue.", labels,
+          registry=reference)  # fmt: skip
+    observer = ours.graph_observer(KEY)
+    key = ("digits", "1", "decoder")
+    # Values on bucket bounds, between them, past the last one, zero.
+    for value in (0.0, 0.0001, 0.0003, 0.001, 0.5, 29.0, 30.0, 31.0):
+        ours.observe_request("Sample", "digits", "OK", value)
+        requests.labels("Sample", "digits", "OK").inc()
+        latency.labels("Sample", "digits").observe(value)
+        observer.on_dequeue(value)
+        histograms["vaeserve_queue_seconds"].labels(*key).observe(value)
+        observer.on_request(value, ok=value < 1)
+        inference.labels(*key, "success" if value < 1 else "failure").observe(value)
+        if value < 1:
+            last.labels(*key).set(1234.5)
+    ours.observe_request("ModelInfer", "_unknown", "NOT_FOUND", 0.002)
+    requests.labels("ModelInfer", "_unknown", "NOT_FOUND").inc()
+    failures.labels("ModelInfer", "_unknown", "NOT_FOUND").inc()
+    latency.labels("ModelInfer", "_unknown").observe(0.002)
+    for rows in (1, 3, 8):
+        observer.on_batch(rows, 0.004)
+        histograms["vaeserve_batch_size"].labels(*key).observe(rows)
+        histograms["vaeserve_compute_seconds"].labels(*key).observe(0.004)
+
+    def text(registry) -> str:
+        return re.sub(r"(?m)^\S+_created\{.*\n", "", generate_latest(registry).decode())
+
+    assert text(ours.registry) == text(reference)
+    assert "_created{" in generate_latest(ours.registry).decode()
+
+
 def test_model_state_and_queue_depth():
     metrics = ServerMetrics()
     metrics.set_queue_depth_source(lambda: [(KEY, 7)])

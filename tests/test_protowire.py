@@ -287,3 +287,67 @@ def test_fields_of_type_finds_every_tensor_field_and_its_data():
         "x": field_path(pb.EncodeRequest, "x", "data")
     }
     assert fields_of_type(pb.SampleRequest, tensor, "data") == {}
+
+
+# --- the server's request parser: protobuf first for short messages, the walk's outcome ---
+
+REQUESTS = (oip.ModelInferRequest, pb.SampleRequest, oip.RepositoryModelLoadRequest)
+PIECES = st.sampled_from(
+    [
+        key(20, 3) + key(20, 4),  # a well-formed group: protobuf keeps it, the walk refuses it
+        ld(2, key(9, 3) + key(9, 4)),  # a group inside a known sub-message
+        ld(3, ld(1, b"k") + ld(2, key(7, 3) + key(7, 4))),  # ... inside a map entry's value
+        key(90, 0) + varint(5),  # an unknown varint
+        ld(91, b"??"),  # an unknown length-delimited field
+        key(1, 0) + varint(2**70 // 2**7),  # a known field with the wrong wire type
+        ld(6, b"raw"),  # ModelInferRequest.raw_input_contents
+        b"\x08" + b"\xff" * 10 + b"\x01",  # a varint over 10 bytes
+        key(9, 6),  # a wire type nobody reads
+    ]
+)
+
+
+def _outcome(parsed) -> tuple:
+    from vaeserve.server.handlers import DetachedRequest, MalformedRequest
+
+    if isinstance(parsed, MalformedRequest):
+        return ("malformed", parsed.message)
+    if isinstance(parsed, DetachedRequest):
+        detached = {k: [bytes(v) for v in vs] for k, vs in parsed.detached.items()}
+        return ("detached", parsed.message.SerializeToString(deterministic=True), detached)
+    return ("plain", parsed.SerializeToString(deterministic=True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_short_requests_parse_natively_to_what_the_walk_gives(data):
+    from vaeserve.server import handlers
+
+    cls = data.draw(st.sampled_from(REQUESTS))
+    if data.draw(st.booleans()):
+        message = cls(model_name="m") if cls is oip.ModelInferRequest else cls()
+        if cls is oip.ModelInferRequest:
+            message.inputs.add(name="z", datatype="FP32", shape=[1, 2])
+            message.raw_input_contents.extend([b"12345678", b""])
+            message.parameters["p"].int64_param = 3
+        raw = message.SerializeToString() + b"".join(data.draw(st.lists(PIECES, max_size=3)))
+    else:
+        raw = data.draw(st.binary(max_size=40))
+    fast = handlers._tolerant_parser(cls, 1 << 14)(raw)
+    saved = handlers.SMALL_REQUEST_BYTES
+    handlers.SMALL_REQUEST_BYTES = -1  # a parser built now always walks
+    try:
+        walked = handlers._tolerant_parser(cls, 1 << 14)(raw)
+    finally:
+        handlers.SMALL_REQUEST_BYTES = saved
+    assert _outcome(fast) == _outcome(walked)
+
+
+def test_a_recursive_type_has_no_depth_and_always_takes_the_walk():
+    from google.protobuf import struct_pb2
+
+    from vaeserve.protowire import depth_of, layout_of
+
+    assert depth_of(layout_of(struct_pb2.Struct.DESCRIPTOR)) is None
+    assert depth_of(layout_of(oip.ModelInferRequest.DESCRIPTOR)) == 3
+    assert depth_of(layout_of(pb.ModelRef.DESCRIPTOR)) == 0

@@ -39,6 +39,7 @@ __all__ = [
     "TooManyFields",
     "check",
     "layout_of",
+    "depth_of",
     "varint",
     "bytes_field",
     "serialize",
@@ -58,6 +59,9 @@ MAX_DEPTH = 16
 Layout = dict[int, "Layout"]
 
 
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
+
+
 class TooManyFields(MalformedMessage):
     """The message holds more fields than the reader's bound."""
 
@@ -73,6 +77,23 @@ def layout_of(descriptor: Any, _done: dict[str, Layout] | None = None) -> Layout
         if field.message_type is not None:
             layout[field.number] = layout_of(field.message_type, done)
     return layout
+
+
+def depth_of(layout: Layout) -> int | None:
+    """How many levels of sub-messages a layout holds (0: none); None for a recursive type."""
+
+    def depth(node: Layout, path: tuple[int, ...]) -> int | None:
+        if id(node) in path:
+            return None
+        deepest = 0
+        for child in node.values():
+            below = depth(child, (*path, id(node)))
+            if below is None:
+                return None
+            deepest = max(deepest, below + 1)
+        return deepest
+
+    return depth(layout, ())
 
 
 class _Budget:
@@ -119,6 +140,8 @@ def fields_of_type(message_class: type, type_name: str, inner: str) -> dict[str,
 
 def varint(value: int) -> bytes:
     """``value`` (>= 0) as a protobuf base-128 varint."""
+    if 0 <= value < 0x80:  # every tag and most lengths of a small answer: no loop, no copy
+        return _ONE_BYTE[value]
     if value < 0:
         raise ValueError(f"varint: expected a value >= 0, got {value}")
     out = bytearray()
