@@ -22,7 +22,7 @@ import grpc
 from vaeserve.server.handlers import DetachedRequest, rewrapped
 from vaeserve.server.metrics import ServerMetrics
 
-__all__ = ["RequestObserver", "UNKNOWN_MODEL", "model_name_of"]
+__all__ = ["CLIENT_CODES", "RequestObserver", "UNKNOWN_MODEL", "model_name_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ UNKNOWN_MODEL = "_unknown"
 # Where requests name their model: ModelInfer; typed API; SampleStream; other OIP RPCs.
 _NAME_PATHS = (("model_name",), ("model", "name"), ("request", "model", "name"), ("name",))
 # Failures that are the caller's doing are routine; the others need an operator's eye.
-_CLIENT_CODES = frozenset(
+CLIENT_CODES = frozenset(
     {"CANCELLED", "INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "DEADLINE_EXCEEDED",
      "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"}
 )  # fmt: skip
@@ -163,7 +163,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         if code == "OK":
             return
         details = _details(context)
-        level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
+        level = logging.INFO if code in CLIENT_CODES else logging.WARNING
         logger.log(
             level,
             "rpc failed: rpc=%s model=%s code=%s latency_ms=%.2f message=%r",

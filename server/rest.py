@@ -34,7 +34,7 @@ from vaeserve.server import rest_tensors as tensors
 from vaeserve.server.inference_protocol import InferenceProtocol
 from vaeserve.server.limits import RequestLimits
 from vaeserve.server.metrics import ServerMetrics
-from vaeserve.server.observer import _CLIENT_CODES as CLIENT_CODES
+from vaeserve.server.observer import CLIENT_CODES
 from vaeserve.server.rest_http import (
     Admission,
     GuardedSite,
