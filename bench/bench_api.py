@@ -52,7 +52,7 @@ from vaeserve.client.tensors import (
     Outgoing,  # noqa: E402
 )
 from vaeserve.proto.v1 import vaeserve_pb2 as pb  # noqa: E402
-from vaeserve.server.app import keep_freed_memory  # noqa: E402
+from vaeserve.server.memory import keep_freed_memory  # noqa: E402
 
 CLIENTS = (1, 4, 32)
 

@@ -39,7 +39,7 @@ from bench_serving import WINDOWS, ServerProcess, export_reference_model  # noqa
 
 from client.client import VaeClient  # noqa: E402
 from vaeserve.engine import Engine  # noqa: E402
-from vaeserve.server.app import keep_freed_memory  # noqa: E402
+from vaeserve.server.memory import keep_freed_memory  # noqa: E402
 
 CALLERS = (1, 4)
 SEED = 12345

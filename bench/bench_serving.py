@@ -43,7 +43,7 @@ from vaeserve.client.tensors import AnswerStub
 from vaeserve.engine.runner import CPU_PROVIDER, OnnxRunner
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
-from vaeserve.server.app import keep_freed_memory
+from vaeserve.server.memory import keep_freed_memory
 from vaeserve.server.settings import usable_cores
 
 SIZES = (1, 64, 1024, 4096)

@@ -24,12 +24,8 @@ processes on one port (and one REST port) under a supervisor (server/workers.py)
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import logging
-import os
-import platform
 import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -44,13 +40,14 @@ from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.server import model_control
 from vaeserve.server.handlers import add_service
 from vaeserve.server.inference_protocol import GRAPHS, InferenceProtocol
-from vaeserve.server.limits import RequestLimits
+from vaeserve.server.limits import RequestLimits, connection_options
+from vaeserve.server.memory import keep_freed_memory
 from vaeserve.server.metrics import MetricsEndpoint, ServerMetrics
 from vaeserve.server.observer import UNKNOWN_MODEL, RequestObserver
 from vaeserve.server.oip_servicer import OipServicer
 from vaeserve.server.reload import Reloader, ReloadPlan
 from vaeserve.server.repository import ModelRegistry, RepositoryError
-from vaeserve.server.security import BearerTokenInterceptor, read_token, server_credentials
+from vaeserve.server.security import BearerTokenInterceptor, read_token, settings_credentials
 from vaeserve.server.servicer import VaeServicer
 from vaeserve.server.settings import ServerSettings
 
@@ -63,12 +60,6 @@ logger = logging.getLogger(__name__)
 
 # Shutdown waits until no new call has arrived for this long before gRPC stops accepting.
 _QUIET_S = 0.05
-# mallopt(3) parameters of glibc's malloc.h.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-# Freed memory glibc may keep mapped for reuse (keep_freed_memory): after large requests or
-# answers the server's RSS stays up to this much above what it holds live.
-KEPT_FREE_BYTES = 256 << 20
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -253,7 +244,7 @@ async def create_server(
     )
     if not settings.repository.is_dir():
         raise RepositoryError(f"repository {settings.repository} is not a folder")
-    credentials = credentials or _credentials(settings)
+    credentials = credentials or settings_credentials(settings)
     registry = ModelRegistry(
         settings,
         open_graph,
@@ -305,40 +296,6 @@ async def create_server(
         )
     server = VaeServer(grpc_server, registry, health_servicer, names, port, settings, rest)
     return server, port
-
-
-def connection_options(settings: ServerSettings) -> list[tuple[str, int]]:
-    """gRPC's per-connection bounds: streams, pings, idle time and age."""
-    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
-    options = [
-        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
-        # gRPC's backlog of calls the event loop has not taken up yet; past it gRPC ends new
-        # calls CANCELLED. Its default is soft (1000, then random drops up to 3000); a fixed
-        # bound also bounds the wait behind a full backlog (~0.4 s at 1024 on 2 cores).
-        ("grpc.server.max_pending_requests", settings.max_waiting_calls),
-        ("grpc.server.max_pending_requests_hard_limit", settings.max_waiting_calls),
-        # Pings closer together than this, without data, are strikes; two strikes: GOAWAY.
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(settings.min_ping_interval_s)),
-        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_ping_interval_s)),
-        ("grpc.http2.max_ping_strikes", 2),
-        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)),
-    ]
-    if settings.max_connection_age_s > 0:
-        options += [
-            ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
-            ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
-        ]
-    return options
-
-
-def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
-    if settings.tls_cert is None and settings.tls_key is None:
-        if settings.tls_client_ca is not None:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if settings.tls_cert is None or settings.tls_key is None:
-        raise ValueError("--tls-cert and --tls-key go together: give both or neither")
-    return server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
 
 
 def _model_label(registry: ModelRegistry) -> Callable[[str], str]:
@@ -402,27 +359,6 @@ async def serve(
     await server.stop(settings.grace_period_s)
     logger.info("stopped")
     return code
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc reuse freed multi-MB buffers instead of handing them back to the OS.
-
-    Each large answer allocates several buffers of megabytes (graph output, wire bytes). By
-    default glibc maps and unmaps each one, and faulting in the fresh pages cost more than
-    the copies themselves: 10 ms of system time per 1024-sample answer, 1 ms after this
-    (docs/performance.md). The price is up to the trim threshold of memory kept mapped.
-    Variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set by an operator win.
-
-    Returns:
-        Whether the setting was applied (glibc only).
-    """
-    if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    return bool(
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-        and libc.mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES)
-    )
 
 
 def run(

@@ -37,7 +37,7 @@ from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.server.handlers import rewrapped, tensor_methods
 from vaeserve.server.settings import ServerSettings
 
-__all__ = ["TENSOR_METHODS", "RequestLimits"]
+__all__ = ["TENSOR_METHODS", "RequestLimits", "connection_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,3 +232,27 @@ def _size_bounded(deserialize: Callable[[bytes], Any] | None, cap: int) -> Calla
         return data if deserialize is None else deserialize(data)
 
     return parse
+
+
+def connection_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC's per-connection bounds: streams, pings, idle time and age."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    options = [
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # gRPC's backlog of calls the event loop has not taken up yet; past it gRPC ends new
+        # calls CANCELLED. Its default is soft (1000, then random drops up to 3000); a fixed
+        # bound also bounds the wait behind a full backlog (~0.4 s at 1024 on 2 cores).
+        ("grpc.server.max_pending_requests", settings.max_waiting_calls),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_waiting_calls),
+        # Pings closer together than this, without data, are strikes; two strikes: GOAWAY.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(settings.min_ping_interval_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)),
+    ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+        ]
+    return options

@@ -22,8 +22,10 @@ from typing import Any
 import grpc
 
 from vaeserve.server.handlers import rewrapped
+from vaeserve.server.settings import ServerSettings
 
 __all__ = [
+    "settings_credentials",
     "UNAUTHENTICATED_MESSAGE",
     "OPEN_METHOD_PREFIXES",
     "server_credentials",
@@ -159,3 +161,18 @@ def _rejecting(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(reject, request_deserializer=_unread)
     # The body of a call without the token is never parsed: it costs the server nothing.
     return rewrapped(handler, lambda _: reject, lambda _: reject_stream, _unread)
+
+
+def settings_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """The TLS credentials ``settings.tls_*`` ask for; None: an insecure port.
+
+    Raises:
+        ValueError: a certificate without its key (or the reverse), or a client CA alone.
+    """
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+    return server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)

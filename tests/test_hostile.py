@@ -34,7 +34,7 @@ from serving_fixtures import ServerThread
 
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
 from vaeserve.proto.v1 import vaeserve_pb2_grpc as pb_grpc
-from vaeserve.server.app import KEPT_FREE_BYTES
+from vaeserve.server.memory import KEPT_FREE_BYTES
 from vaeserve.server.settings import ServerSettings
 
 TOKEN = "hostile-traffic-test-token"
