@@ -5,14 +5,12 @@ The command line, `vae-train`, is training/cli.py.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,6 @@ from vaeserve.training import distributed
 from vaeserve.training.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
-    load_checkpoint,
     save_checkpoint,
 )
 from vaeserve.training.config import TrainConfig
@@ -38,6 +35,15 @@ from vaeserve.training.evaluate import evaluate_model, finite_metrics, resolve_d
 from vaeserve.training.image_rows import Split, iter_batches
 from vaeserve.training.losses import elbo_terms, iwae_bound
 from vaeserve.training.model import VAE, build_model
+from vaeserve.training.run_state import (
+    RESUMABLE,
+    Progress,
+    copy_state,
+    restore,
+    resume_config,
+    resume_state,
+    stored_run,
+)
 
 __all__ = ["RESUMABLE", "resume_config", "train"]
 
@@ -53,22 +59,6 @@ _ORDER, _BINARIZE, _NOISE, _PSEUDO = 1, 2, 3, 4
 # of ±2.2): saturated logits would barely move.
 _PSEUDO_MARGIN = 0.1
 # Settings that a resumed run may change; every other one is the stored run's.
-RESUMABLE = ("epochs", "device", "num_threads", "eval_k", "save_interval_s")
-
-
-@dataclass
-class _Progress:
-    """What a resumed run needs besides weights and optimizer state."""
-
-    epoch: int = 0  # epochs finished
-    best_val_bound: float = -math.inf  # validation value of the training objective, β = 1
-    best_epoch: int = 0
-    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    # --ema-decay: the exponential moving average of the weights, updated every step; it is
-    # what is validated and kept. Empty when off.
-    ema: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def train(
@@ -93,7 +83,7 @@ def train(
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    stored = _stored_run(config, ckpt_path) if resume else None
+    stored = stored_run(config, ckpt_path) if resume else None
     try:  # before any work: an unusable --out must not surface after a whole training run
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -133,11 +123,11 @@ def _train(
     if config.prior == "vamp" and config.pseudo_init == "data":
         _pseudo_inputs_from_data(model, splits, config.seed)
     optimizer = _optimizer(model, config)
-    state = _Progress(best_state=_copy_state(model))
+    state = Progress(best_state=copy_state(model))
     if config.ema_decay > 0:
-        state.ema = _copy_state(model)
+        state.ema = copy_state(model)
     if stored is not None:
-        state = _restore(stored.resume, model, optimizer, stored.state_dict, device)
+        state = restore(stored.resume, model, optimizer, stored.state_dict, device)
     if ranks.main:
         logger.info(
             "device %s, %s, data %s, %d process(es)",
@@ -153,14 +143,14 @@ def _train(
             data_info=splits.info(),
             metrics=metrics or {},
             epoch=state.epoch,
-            resume=resume or _resume_state(state, model, optimizer, device),
+            resume=resume or resume_state(state, model, optimizer, device),
         )
 
     _fit(model, optimizer, splits, config, state, device, save, progress, ranks)
     if not ranks.main:  # rank 0 evaluates and writes the run; the others are done
         ranks.barrier()
         return {}
-    last = _resume_state(state, model, optimizer, device)  # before the best weights replace it
+    last = resume_state(state, model, optimizer, device)  # before the best weights replace it
     model.load_state_dict(state.best_state)
     metrics = _final_metrics(model, splits, config, state, device)
     save(metrics, last)
@@ -197,23 +187,8 @@ def _learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
-def _stored_run(config: TrainConfig, ckpt_path: Path) -> Checkpoint:
-    stored = load_checkpoint(ckpt_path)
-    if stored.resume is None:
-        raise ValueError(f"{ckpt_path}: holds no resume state")
-    before = TrainConfig.from_dict(stored.train_config).to_dict()
-    changed = [
-        name
-        for name, value in config.to_dict().items()
-        if name not in RESUMABLE and before[name] != value
-    ]
-    if changed:
-        raise ValueError(f"resume: settings differ from the stored run: {', '.join(changed)}")
-    return stored
-
-
 def _final_metrics(
-    model: VAE, splits: DatasetSplits, config: TrainConfig, state: _Progress, device: torch.device
+    model: VAE, splits: DatasetSplits, config: TrainConfig, state: Progress, device: torch.device
 ) -> dict[str, Any]:
     metrics = evaluate_model(model, splits, k=config.eval_k, seed=config.seed, device=device)
     metrics.update(
@@ -233,7 +208,7 @@ def _fit(
     optimizer: torch.optim.Optimizer,
     splits: DatasetSplits,
     config: TrainConfig,
-    state: _Progress,
+    state: Progress,
     device: torch.device,
     save: Callable[[], None],
     progress: bool,
@@ -271,7 +246,7 @@ def _fit(
         )
         # With --ema-decay the averaged weights are the ones validated and kept.
         weights = state.ema or None
-        training_weights = _copy_state(model) if weights else None
+        training_weights = copy_state(model) if weights else None
         if weights:
             model.load_state_dict(weights)
         # Every rank computes the same bound from the same weights: no message needed. With
@@ -283,7 +258,7 @@ def _fit(
         state.history.append({"epoch": epoch + 1, "loss": loss, "val_bound_nats": val_bound})
         if not has_val or val_bound > state.best_val_bound:
             state.best_val_bound, state.best_epoch = val_bound, epoch + 1
-            state.best_state = _copy_state(model)
+            state.best_state = copy_state(model)
         if training_weights is not None:
             model.load_state_dict(training_weights)
         bar.set_postfix({"loss": f"{loss:.2f}", bound_name: f"{val_bound:.2f}"})
@@ -382,70 +357,6 @@ def _update_ema(ema: dict[str, torch.Tensor], model: VAE, decay: float) -> None:
             ema[name].copy_(value)
 
 
-def _copy_state(model: VAE) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _resume_state(
-    state: _Progress, model: VAE, optimizer: torch.optim.Optimizer, device: torch.device
-) -> dict[str, Any]:
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return {
-        "model": _copy_state(model),
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
-        "rng": rng,
-        "best_val_bound": state.best_val_bound,
-        "best_epoch": state.best_epoch,
-        "history": state.history,
-        "train_seconds": state.train_seconds,
-        "epoch": state.epoch,
-        "ema": {k: v.detach().clone() for k, v in state.ema.items()},
-    }
-
-
-def _restore(
-    resume: dict[str, Any],
-    model: VAE,
-    optimizer: torch.optim.Optimizer,
-    best_state: dict[str, torch.Tensor],
-    device: torch.device,
-) -> _Progress:
-    model.load_state_dict(resume["model"])
-    optimizer.load_state_dict(resume["optimizer"])
-    torch.set_rng_state(resume["rng"]["cpu"])
-    if device.type == "cuda" and "cuda" in resume["rng"]:
-        torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
-    return _Progress(
-        epoch=resume["epoch"],
-        best_val_bound=resume["best_val_bound"],
-        best_epoch=resume["best_epoch"],
-        best_state={k: v.to(device) for k, v in best_state.items()},
-        history=list(resume["history"]),
-        train_seconds=resume["train_seconds"],
-        ema={k: v.to(device) for k, v in resume.get("ema", {}).items()},
-    )
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=2) + "\n"
     write_atomically(path, lambda f: f.write(text.encode()))
-
-
-def resume_config(out_dir: str | os.PathLike, **changes: Any) -> TrainConfig:
-    """Returns the stored TrainConfig of the run in `out_dir` with `changes` applied.
-
-    Raises:
-        FileNotFoundError: no checkpoint in `out_dir`.
-        ValueError: a change to a setting outside RESUMABLE, or a bad checkpoint.
-    """
-    fixed = sorted(set(changes) - set(RESUMABLE))
-    if fixed:
-        raise ValueError(
-            "resume: continues the stored settings; cannot change "
-            + ", ".join(fixed)
-            + f" (only {', '.join(RESUMABLE)})"
-        )
-    stored = load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
-    return TrainConfig.from_dict(stored.train_config).replace(**changes)
