@@ -36,11 +36,15 @@ from vaeserve.server.limits import RequestLimits
 from vaeserve.server.metrics import ServerMetrics
 from vaeserve.server.observer import CLIENT_CODES
 from vaeserve.server.rest_http import (
+    HTTP_STATUS,
     Admission,
     GuardedSite,
     Refusal,
     bind,
+    json_response,
+    model_and_version,
     read_body,
+    readiness_response,
     server_ssl_context,
 )
 from vaeserve.server.security import UNAUTHENTICATED_MESSAGE
@@ -51,16 +55,6 @@ __all__ = ["HTTP_STATUS", "JSON_COST", "RestFrontend"]
 
 logger = logging.getLogger(__name__)
 
-# gRPC code -> HTTP status: Triton's HTTP front's mapping where it has the code (400, 404,
-# 500, 501, 503), HTTP's meaning for the others. RESOURCE_EXHAUSTED (a full queue, a server
-# bound): 429 Too Many Requests, which clients and proxies retry with backoff; Triton, which
-# has no such code, answers its full queues UNAVAILABLE (503).
-HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
-    "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409,
-    "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNKNOWN": 500, "DATA_LOSS": 500,
-    "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
-}  # fmt: skip
 # Memory a parsed JSON body holds per byte of its text, roughly (Python floats and list slots
 # for numbers of a few characters): JSON bodies count this many times their size against
 # max_inflight_request_bytes, binary data once.
@@ -76,15 +70,6 @@ _VERSION = "/v2/models/{name}/versions/{version}"
 _BINARY_HEADER = "Inference-Header-Content-Length"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(value: Any, status: int = 200) -> web.Response:
-    return web.json_response(value, status=status, dumps=rest_json.compact_json)
-
-
-def _status(ok: bool) -> web.Response:
-    # KServe: readiness is the status code, 200 or 4xx; 400 as Triton answers.
-    return web.Response(status=200 if ok else 400)
 
 
 _ADMISSION = web.RequestKey("admission", Admission)
@@ -215,7 +200,7 @@ class RestFrontend:
                     response = self._unauthorized()
                 else:
                     message = f"no endpoint {request.method} {request.path}"
-                    response = _json({"error": message}, unmatched.status)
+                    response = json_response({"error": message}, unmatched.status)
             else:
                 response = await handler(request)
             if not request.content.is_eof():
@@ -255,7 +240,7 @@ class RestFrontend:
 
     @staticmethod
     def _unauthorized() -> web.Response:
-        response = _json({"error": UNAUTHENTICATED_MESSAGE}, 401)
+        response = json_response({"error": UNAUTHENTICATED_MESSAGE}, 401)
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
@@ -279,13 +264,13 @@ class RestFrontend:
                 raise
             except Refusal as exc:
                 code, message = exc.code, str(exc)
-                return _json({"error": message}, exc.status)
+                return json_response({"error": message}, exc.status)
             except Exception as exc:  # noqa: BLE001 - the one place REST errors are mapped
                 status, message = status_of(exc)
                 code = status.name
                 if code == "INTERNAL":
                     logger.error("unexpected error in REST %s", rpc, exc_info=exc)
-                return _json({"error": message}, HTTP_STATUS.get(code, 500))
+                return json_response({"error": message}, HTTP_STATUS.get(code, 500))
             finally:
                 admission.leave()
                 self._record(rpc, self._label(model) if model else "", code, start, message)
@@ -329,34 +314,38 @@ class RestFrontend:
     # --- the endpoints ---
 
     async def _live(self, request: web.Request) -> web.StreamResponse:
-        return _status(True)
+        return readiness_response(True)
 
     async def _ready(self, request: web.Request) -> web.StreamResponse:
-        return _status(self._protocol.server_ready())
+        return readiness_response(self._protocol.server_ready())
 
     async def _server_metadata(self, request: web.Request) -> web.StreamResponse:
         metadata = self._protocol.server_metadata()
-        return _json(
+        return json_response(
             {"name": metadata.name, "version": metadata.version,
              "extensions": list(metadata.extensions)}
         )  # fmt: skip
 
     async def _model_metadata(self, request: web.Request) -> web.StreamResponse:
-        name, version = _model(request)
-        return _json(rest_json.model_metadata_json(self._protocol.model_metadata(name, version)))
+        name, version = model_and_version(request)
+        return json_response(
+            rest_json.model_metadata_json(self._protocol.model_metadata(name, version))
+        )
 
     async def _model_ready(self, request: web.Request) -> web.StreamResponse:
-        return _status(self._protocol.model_ready(*_model(request)))
+        return readiness_response(self._protocol.model_ready(*model_and_version(request)))
 
     async def _model_config(self, request: web.Request) -> web.StreamResponse:
-        return _json(rest_json.message_json(self._protocol.model_config(*_model(request))))
+        return json_response(
+            rest_json.message_json(self._protocol.model_config(*model_and_version(request)))
+        )
 
     async def _statistics(self, request: web.Request) -> web.StreamResponse:
-        name, version = _model(request)
-        return _json(rest_json.message_json(self._protocol.statistics(name, version)))
+        name, version = model_and_version(request)
+        return json_response(rest_json.message_json(self._protocol.statistics(name, version)))
 
     async def _infer(self, request: web.Request) -> web.StreamResponse:
-        name, version = _model(request)
+        name, version = model_and_version(request)
         header_length = _header_length(request)
         body = await self._body(request, self._settings.max_message_bytes)
         # Large conversions run on a thread: they hold the GIL, but the loop gets its turns.
@@ -410,7 +399,7 @@ class RestFrontend:
         if not isinstance(ready, bool):
             raise InvalidRequest(f"ready is {ready!r}, expected true or false")
         index = await self._protocol.repository_index(pb.RepositoryIndexRequest(ready=ready))
-        return _json([rest_json.message_json(m) for m in index.models])
+        return json_response([rest_json.message_json(m) for m in index.models])
 
     async def _load(self, request: web.Request) -> web.StreamResponse:
         document = await self._json_body(request)
@@ -425,10 +414,6 @@ class RestFrontend:
         rest_json.repository_parameters(document.get("parameters", {}), unload.parameters)
         await self._protocol.repository_model_unload(unload)
         return web.Response(status=200)
-
-
-def _model(request: web.Request) -> tuple[str, str]:
-    return request.match_info.get("name", ""), request.match_info.get("version", "")
 
 
 def _header_length(request: web.Request) -> int | None:

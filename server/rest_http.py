@@ -31,10 +31,14 @@ from typing import Any
 from aiohttp import web
 
 from vaeserve.errors import InvalidRequest
+from vaeserve.server import rest_json
 from vaeserve.server.limits import RequestLimits
 from vaeserve.server.settings import ServerSettings
 
-__all__ = ["Refusal", "Admission", "bind", "server_ssl_context", "GuardedSite", "read_body"]
+__all__ = [
+    "HTTP_STATUS", "Refusal", "Admission", "bind", "server_ssl_context", "GuardedSite",
+    "read_body", "json_response", "readiness_response", "model_and_version",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -309,3 +313,28 @@ async def read_body(
             408, "DEADLINE_EXCEEDED",
             f"the request body did not arrive within {timeout_s:g} s; send it faster",
         ) from None  # fmt: skip
+
+
+# gRPC code -> HTTP status: Triton's HTTP front's mapping where it has the code (400, 404,
+# 500, 501, 503), HTTP's meaning for the others. RESOURCE_EXHAUSTED (a full queue, a server
+# bound): 429 Too Many Requests, which clients and proxies retry with backoff; Triton, which
+# has no such code, answers its full queues UNAVAILABLE (503).
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNKNOWN": 500, "DATA_LOSS": 500,
+    "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+}  # fmt: skip
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(value, status=status, dumps=rest_json.compact_json)
+
+
+def readiness_response(ok: bool) -> web.Response:
+    # KServe: readiness is the status code, 200 or 4xx; 400 as Triton answers.
+    return web.Response(status=200 if ok else 400)
+
+
+def model_and_version(request: web.Request) -> tuple[str, str]:
+    return request.match_info.get("name", ""), request.match_info.get("version", "")
