@@ -24,6 +24,7 @@ processes on one port (and one REST port) under a supervisor (server/workers.py)
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -343,8 +344,15 @@ async def serve(
         logger.error("cannot serve: %s", ready.exception())
         code = 1
     else:
-        if ready.done() and on_ready is not None:
-            on_ready()
+        if ready.done():
+            # Everything alive now (models, sessions, protobuf descriptors) lives as long as
+            # the process: out of the collector's sight, its first full collection under load
+            # pauses the loop < 1 ms instead of 15-19 ms (docs/performance.md). Here, not in
+            # VaeServer: it concerns the whole process, which the command owns.
+            gc.collect()
+            gc.freeze()
+            if on_ready is not None:
+                on_ready()
         await stopping
         logger.info("shutting down: in-flight calls get %.1f s", settings.grace_period_s)
     stopping.cancel()
