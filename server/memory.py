@@ -30,7 +30,8 @@ def keep_freed_memory() -> bool:
     default glibc maps and unmaps each one, and faulting in the fresh pages cost more than
     the copies themselves: 10 ms of system time per 1024-sample answer, 1 ms after this
     (docs/performance.md). The price is up to the trim threshold of memory kept mapped in
-    each of ``ARENAS`` arenas, which the process's threads share. Variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set by an operator win.
+    each of ``ARENAS`` arenas, which the process's threads share. Variables
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set by an operator win.
 
     Returns:
         Whether the setting was applied (glibc only).
