@@ -20,8 +20,10 @@ asyncio's and grpc.aio's Python layer alike.
 sequential batch-1 ModelInfer calls and as many batch-1 Sample calls from one client, with a
 bearer token so the auth check runs. It prints each stage's mean per call, exclusive of the
 stages nested in it, next to the server's CPU per call; the garbage collector's pauses (they
-fall inside the stages); and the share of calls that took the batcher's lone-request fast
-path. --gc-freeze: the server calls gc.freeze() after the warm-up, to see what that saves.
+fall inside the stages); the share of calls that took the batcher's lone-request fast
+path; and, for comparison, the same ModelInfer calls against perf_peers/noop_server.py (the
+grpc.aio floor: wall and server CPU per call). --gc-freeze: the server calls gc.freeze()
+after the warm-up, to see what that saves.
 """
 
 from __future__ import annotations
@@ -245,17 +247,16 @@ def stage_profile(args) -> int:
                 for i in range(300):  # warm-up, then the timings so far are thrown away
                     call(i)
                 timings = _collect(pid, out)
-                cpu = process_cpu_s(pid)
-                start = time.perf_counter()
-                for i in range(args.calls):
-                    call(i)
-                wall = time.perf_counter() - start
-                cpu = process_cpu_s(pid) - cpu
+                cpu, wall = _timed_calls(pid, call, args.calls)
                 timings = _collect(pid, out)
                 results[rpc] = (_stage_table(timings, args.calls), cpu, wall, timings)
             channel.close()
         finally:
             server.stop()
+        noop = _noop_baseline(repository, model, infer, meta, args.calls, tmp)
+    print(f"\nno-op server (perf_peers/noop_server.py), the same ModelInfer 1x1 calls: "
+          f"{noop[1] / args.calls * 1e3:.3f} ms each (client included), server CPU "
+          f"{noop[0] / args.calls * 1e6:,.0f} µs per call")  # fmt: skip
     for rpc, (rows, cpu, wall, timings) in results.items():
         per_call = cpu / args.calls * 1e6
         print(f"\n{rpc}: {args.calls} sequential calls, {wall / args.calls * 1e3:.3f} ms each "
@@ -274,6 +275,38 @@ def stage_profile(args) -> int:
         print(f"{'the rest: gRPC core, grpc.aio, asyncio, kernel':<46}{per_call - inside:>9.1f}"
               f"{(per_call - inside) / per_call:>14.1%}")  # fmt: skip
     return 0
+
+
+def _timed_calls(pid: int, call, calls: int) -> tuple[float, float]:
+    """(server CPU seconds, wall seconds) of ``calls`` sequential calls."""
+    cpu = process_cpu_s(pid)
+    start = time.perf_counter()
+    for i in range(calls):
+        call(i)
+    return process_cpu_s(pid) - cpu, time.perf_counter() - start
+
+
+def _noop_baseline(repository: Path, model: str, infer, meta, calls: int, tmp: Path):
+    """The grpc.aio floor under the same calls: (server CPU s, wall s) of the no-op peer."""
+    import grpc
+    from bench_perf_analyzer import Peer
+
+    from vaeserve.manifest import load_version_manifest
+    from vaeserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
+
+    version = repository / model / "1"
+    decoder = version / load_version_manifest(version).decoder.file
+    peer = Peer("noop_server.py", decoder, f"{model}-decoder", tmp / "noop.log")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{peer.port}") as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(300):
+                stub.ModelInfer(infer, metadata=meta)
+            return _timed_calls(
+                peer.process.pid, lambda i: stub.ModelInfer(infer, metadata=meta), calls
+            )
+    finally:
+        peer.stop()
 
 
 def _collect(pid: int, out: Path) -> dict[str, list[int]]:

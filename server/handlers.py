@@ -47,8 +47,9 @@ class DetachedRequest:
 
     Reads like the message (attributes and methods pass through to ``message``, in which those
     fields are empty); ``detached`` maps each such field to its occurrences as views. Read
-    them with ``detached_bytes``. (A short ModelInfer request is parsed by protobuf, and its
-    raw contents are views of protobuf's copies: a few hundred bytes.)
+    them with ``detached_bytes``. (A short ModelInfer request is parsed by protobuf into a
+    plain message that keeps its raw contents: a few hundred bytes, and every attribute read
+    of a wrapper costs a failed lookup first.)
     """
 
     __slots__ = ("message", "detached")
@@ -113,7 +114,6 @@ def _tolerant_parser(cls: Any, max_fields: int) -> Callable[[bytes], Any]:
     native = depth is not None and depth <= protowire.MAX_DEPTH
     native = native and all(len(path) == 1 for path in paths)
     small = min(SMALL_REQUEST_BYTES, 2 * max_fields) if native else -1
-    top_level = {path[0]: name for path, name in paths.items()}
 
     def parse(data: bytes) -> Any:
         if len(data) > small:
@@ -124,22 +124,15 @@ def _tolerant_parser(cls: Any, max_fields: int) -> Callable[[bytes], Any]:
             return walked(data)  # which words the error as it always did
         # Only a canonical message without unknown fields is taken as parsed: anything
         # protobuf dropped or kept aside (a group, which the walk refuses; a map entry's
-        # extra fields) changes the size, and then the walk decides.
+        # extra fields) changes the size, and then the walk decides. Its bulk bytes fields
+        # stay in it (readers fall back to them when nothing was detached).
         size = len(data)
         if message.ByteSize() != size:
             return walked(data)
         message.DiscardUnknownFields()
         if message.ByteSize() != size:
             return walked(data)
-        if not top_level:
-            return message
-        detached = {}
-        for name in top_level.values():
-            values = getattr(message, name)
-            if values:
-                detached[name] = [memoryview(value) for value in values]
-                message.ClearField(name)
-        return DetachedRequest(message, detached)
+        return message
 
     return parse
 

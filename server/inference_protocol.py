@@ -212,18 +212,18 @@ class InferenceProtocol:
         Args:
             deadline: on time.monotonic's clock; None: none.
         """
-        served = self._served(request.model_name, request.model_version)
-        # use(): shutdown and unloading wait for this call to finish on this version.
-        with self.registry.use(served.key.model, served.key.version):
-            answer: Answer = await served.kind.infer(
-                served.model, request, self._settings, deadline
-            )
+        name = request.model_name
+        served = self._served(name, request.model_version)
+        model, kind = served.model, served.kind
+        # hold(): shutdown and unloading wait for this call to finish on this version.
+        with self.registry.hold(model):
+            answer: Answer = await kind.infer(model, request, self._settings, deadline)
         response = pb.ModelInferResponse(
-            model_name=request.model_name, model_version=str(served.key.version), id=request.id
+            model_name=name, model_version=str(model.manifest.version), id=request.id
         )
-        for name, value in answer.parameters.items():
-            response.parameters[name].uint64_param = value
-        specs = served.kind.outputs(served.model)
+        for parameter, value in answer.parameters.items():
+            response.parameters[parameter].uint64_param = value
+        specs = kind.outputs(model)
         return Inference(response, dict(answer.arrays), {n: specs[n] for n in answer.arrays})
 
     def statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:

@@ -188,15 +188,32 @@ def test_tensor_requests_parse_with_their_data_detached_and_viewed():
 
 def test_open_inference_raw_inputs_are_detached_in_order():
 
-    request = oip.ModelInferRequest(model_name="m", raw_input_contents=[b"abcd", b"", b"ef"])
-    parsed = _tolerant_parser(oip.ModelInferRequest, MAX_FIELDS)(request.SerializeToString())
+    big = bytes(range(256)) * 256  # 64 KiB: past the size protobuf parses natively
+    contents = [b"abcd", b"", big, b"ef"]
+    request = oip.ModelInferRequest(model_name="m", raw_input_contents=contents)
+    raw = request.SerializeToString()
+    parsed = _tolerant_parser(oip.ModelInferRequest, MAX_FIELDS)(raw)
+    assert isinstance(parsed, DetachedRequest)
     assert parsed.model_name == "m" and len(parsed.raw_input_contents) == 0
     # protobuf writes the empty entry too: every occurrence is kept, in wire order
-    assert [bytes(v) for v in detached_bytes(parsed, "raw_input_contents")] == [
-        b"abcd",
-        b"",
-        b"ef",
-    ]
+    views = detached_bytes(parsed, "raw_input_contents")
+    assert [bytes(v) for v in views] == contents
+    assert np.shares_memory(np.frombuffer(views[2], np.uint8), np.frombuffer(raw, np.uint8))
+
+
+def test_short_open_inference_requests_parse_as_plain_messages_with_their_contents():
+    """Below the native-parse size a ModelInfer request is protobuf's own message: its raw
+    contents stay in it (a few hundred bytes), and readers find them there."""
+    from vaeserve.server.oip_convert import _raw_contents
+
+    request = oip.ModelInferRequest(model_name="m", raw_input_contents=[b"abcd", b"", b"ef"])
+    request.inputs.add(name="a")
+    request.inputs.add(name="b")
+    request.inputs.add(name="c")
+    parsed = _tolerant_parser(oip.ModelInferRequest, MAX_FIELDS)(request.SerializeToString())
+    assert type(parsed) is oip.ModelInferRequest and parsed == request
+    assert detached_bytes(parsed, "raw_input_contents") == []
+    assert [bytes(v) for v in _raw_contents(parsed)] == [b"abcd", b"", b"ef"]
 
 
 @pytest.mark.parametrize(
