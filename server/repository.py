@@ -73,7 +73,7 @@ class LoadedModel:
 
 class _InUse:
     """``ModelRegistry.use``: a class, not a generator context manager, because every call
-    enters one (a generator's frame and wrapper cost ~3x as much)."""
+    enters one (1.9 instead of 2.8 µs a call)."""
 
     __slots__ = ("_registry", "_model")
 
