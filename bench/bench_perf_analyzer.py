@@ -24,7 +24,9 @@ each on 127.0.0.1 and a free port:
   vaeserve[V]    vae-serve with variant V's extra flags (--variants "V=FLAGS;...");
   noop           perf_peers/noop_server.py: ModelInfer answers zeros, computes nothing;
   simple         perf_peers/simple_batcher.py: a ~100-line asyncio batcher on onnxruntime;
-  threads        perf_peers/thread_pool_server.py: grpc's thread pool, one run per call.
+  threads        perf_peers/thread_pool_server.py: grpc's thread pool, one run per call;
+  checked        perf_peers/thread_pool_checked.py: the same with vae-serve's own per-call
+                 parse, checks, encoding and metrics (only with --servers ...,checked).
 Then, case by case, every server in turn (so the noise of the shared cores falls on all
 alike), --rounds times:
     perf_analyzer -i grpc -u 127.0.0.1:PORT -m reference-decoder -b B --concurrency-range C
@@ -57,6 +59,7 @@ PEERS = {
     "noop": "noop_server.py",
     "simple": "simple_batcher.py",
     "threads": "thread_pool_server.py",
+    "checked": "thread_pool_checked.py",  # not a peer: vae-serve's checks on the thread pool
 }
 SERVERS = ("vaeserve", "noop", "simple", "threads")
 _HERE = Path(__file__).resolve().parent

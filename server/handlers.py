@@ -47,9 +47,9 @@ class DetachedRequest:
 
     Reads like the message (attributes and methods pass through to ``message``, in which those
     fields are empty); ``detached`` maps each such field to its occurrences as views. Read
-    them with ``detached_bytes``. (A short ModelInfer request is parsed by protobuf into a
-    plain message that keeps its raw contents: a few hundred bytes, and every attribute read
-    of a wrapper costs a failed lookup first.)
+    them with ``detached_bytes``. (A ModelInfer request of at most ``SMALL_REQUEST_BYTES`` is
+    not wrapped: protobuf parses it whole, raw contents included, because every attribute
+    read through this wrapper first fails a normal lookup.)
     """
 
     __slots__ = ("message", "detached")
