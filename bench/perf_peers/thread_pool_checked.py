@@ -6,9 +6,10 @@ Run: python bench/perf_peers/thread_pool_checked.py --onnx DIR/decoder.onnx [--w
 Unlike the other peers it imports vae-serve's server modules, on purpose: each ModelInfer is
 parsed by vae-serve's request parser (``handlers.add_service``), checked by its tensor checks
 (``oip_convert``: datatypes, shapes, row bound, finite values, the answer's size), answered by
-its encoder and counted in its metrics, then run on the handler's thread as the thread-pool
-peer does. What it leaves out: the bearer token, the in-flight bounds, the request observer,
-the registry and batching. The manifest is read from the decoder's folder.
+its encoder, refused with its status codes and counted in its metrics; it runs on the
+handler's thread as the thread-pool peer does. What it leaves out: the bearer token, the
+in-flight bounds, the request observer, the registry and batching. The manifest is read from
+the decoder's folder.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import grpc  # noqa: E402
 from oip_common import Graph, InferenceBase, arguments, bind, options, pb  # noqa: E402
 from simple_batcher import session  # noqa: E402
 
+from vaeserve.errors import VaeServeError  # noqa: E402
 from vaeserve.manifest import load_version_manifest  # noqa: E402
 from vaeserve.server import oip_convert as convert  # noqa: E402
 from vaeserve.server.handlers import add_service  # noqa: E402
 from vaeserve.server.metrics import ServerMetrics  # noqa: E402
+from vaeserve.server.status import status_of  # noqa: E402
 
 _MAX_FIELDS = 1 << 16
 
@@ -41,6 +44,12 @@ class CheckedThreadPool(InferenceBase):
         self._metrics = ServerMetrics(max_batch)
 
     def ModelInfer(self, request, context):
+        try:
+            return self._infer(request)
+        except VaeServeError as exc:  # vae-serve's status codes and messages
+            context.abort(*status_of(exc))
+
+    def _infer(self, request):
         start = time.perf_counter()
         arrays = convert.decode_inputs(request, self._inputs, self._max_rows)
         convert.check_values(self._manifest, arrays)
