@@ -19,7 +19,7 @@ KEPT_FREE_BYTES = 256 << 20
 # Allocator arenas (glibc's default: 8 per core). Each keeps its own freed memory, and gRPC
 # starts threads under load, each soon with an arena of its own: with the default, repeated
 # 32 MiB requests under CPU contention grew RSS 185 -> 250-275 MB over 8 requests without
-# levelling off; with 2 it levelled at 205-242 MB (tests/test_hostile.py, 4 runs each).
+# levelling off (4 runs); with 2 it levelled at 205-242 MB (3 runs; tests/test_hostile.py).
 ARENAS = 2
 
 
