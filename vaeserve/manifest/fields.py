@@ -6,12 +6,31 @@ one JSON value as an integer, a choice, a shape and so on, and how to say what w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from vaeserve.errors import ManifestError
 
-__all__ = ["FieldReader", "is_dims"]
+__all__ = ["FieldReader", "file_reference", "is_dims"]
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def file_reference(value: Mapping[str, Any], where: str) -> tuple[str, str]:
+    """(file, sha256) of a manifest object that names a file beside the manifest (a graph,
+    the prior's arrays): a plain file name and its 64 lowercase hex digits.
+
+    Raises:
+        ManifestError: naming ``where``.file or ``where``.sha256.
+    """
+    file = value.get("file")
+    if not isinstance(file, str) or not file or "/" in file or "\\" in file or file[0] == ".":
+        raise ManifestError(f"{where}.file is {file!r}, expected a plain file name")
+    sha = value.get("sha256")
+    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+        raise ManifestError(f"{where}.sha256 is {sha!r}, expected 64 lowercase hex digits")
+    return file, sha
 
 
 def _is_finite_number(value: Any) -> bool:

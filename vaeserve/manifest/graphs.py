@@ -6,14 +6,13 @@ The model-level rules (which tensors a VAE or CVAE graph must have) are the sche
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from vaeserve.errors import ManifestError
-from vaeserve.manifest.fields import FieldReader, is_dims
+from vaeserve.manifest.fields import FieldReader, file_reference, is_dims
 
 __all__ = ["DTYPES", "ORT_TYPES", "TensorSpec", "GraphSpec", "read_graph"]
 
@@ -23,7 +22,6 @@ ORT_TYPES = MappingProxyType(
     {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 )
 DTYPES = tuple(sorted(ORT_TYPES.values()))
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -65,12 +63,7 @@ def read_graph(r: FieldReader, key: str) -> GraphSpec:
     where = f"{r.source}: field '{key}'"
     if not isinstance(value, Mapping):
         raise ManifestError(f"{where} is not a JSON object")
-    file = value.get("file")
-    if not isinstance(file, str) or not file or "/" in file or "\\" in file or file[0] == ".":
-        raise ManifestError(f"{where}.file is {file!r}, expected a plain file name")
-    sha = value.get("sha256")
-    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-        raise ManifestError(f"{where}.sha256 is {sha!r}, expected 64 lowercase hex digits")
+    file, sha = file_reference(value, where)
     return GraphSpec(
         file=file,
         sha256=sha,

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vaeserve.errors import ManifestError
+from vaeserve.manifest.fields import file_reference
 
 __all__ = ["MIXTURE_KIND", "PRIOR_FILE", "PriorSpec", "read_mixture", "read_prior", "write_mixture"]
 
 MIXTURE_KIND = "gaussian-mixture"
 PRIOR_FILE = "prior.npz"
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # The weights are float64 and renormalised by the sampler; a file whose weights stray further
 # from 1 than rounding was written by something else.
 _WEIGHT_SUM_TOLERANCE = 1e-6
@@ -66,12 +65,7 @@ def read_prior(value: Any, source: str) -> PriorSpec | None:
     kind = value.get("kind")
     if kind != MIXTURE_KIND:
         raise ManifestError(f"{where}.kind is {kind!r}, expected {MIXTURE_KIND!r}")
-    file = value.get("file")
-    if not isinstance(file, str) or not file or "/" in file or "\\" in file or file[0] == ".":
-        raise ManifestError(f"{where}.file is {file!r}, expected a plain file name")
-    sha = value.get("sha256")
-    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-        raise ManifestError(f"{where}.sha256 is {sha!r}, expected 64 lowercase hex digits")
+    file, sha = file_reference(value, where)
     components = value.get("components")
     if isinstance(components, bool) or not isinstance(components, int) or components < 1:
         raise ManifestError(f"{where}.components is {components!r}, expected an integer >= 1")
