@@ -22,7 +22,7 @@ import grpc
 from vaeserve.server.handlers import DetachedRequest, rewrapped
 from vaeserve.server.metrics import ServerMetrics
 
-__all__ = ["CLIENT_CODES", "RequestObserver", "UNKNOWN_MODEL", "model_name_of"]
+__all__ = ["CLIENT_CODES", "RequestObserver", "UNKNOWN_MODEL", "model_name_of", "report_call"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,18 +159,30 @@ class RequestObserver(grpc.aio.ServerInterceptor):
                 _STREAMED[type(request)] = streamed
         requested = "" if streamed else model_name_of(request)
         model = self._model_label(requested) if requested else ""
-        self._metrics.observe_request(rpc, model, code, latency)
-        if code == "OK":
-            return
-        details = _details(context)
-        level = logging.INFO if code in CLIENT_CODES else logging.WARNING
-        logger.log(
-            level,
-            "rpc failed: rpc=%s model=%s code=%s latency_ms=%.2f message=%r",
-            rpc, model, code, latency * 1000.0, details,
-            extra={"event": "rpc_failed", "rpc": rpc, "model": model, "code": code,
-                   "latency_ms": round(latency * 1000.0, 3), "details": details},
-        )  # fmt: skip
+        report_call(self._metrics, rpc, model, code, latency, lambda: _details(context))
+
+
+def report_call(
+    metrics: ServerMetrics, rpc: str, model: str, code: str, latency_s: float,
+    details: Callable[[], str], transport: str | None = None,
+) -> None:  # fmt: skip
+    """Count one call; log it once if it failed (``details()`` is read only then).
+
+    Args:
+        transport: named in the log line when not gRPC ("rest").
+    """
+    metrics.observe_request(rpc, model, code, latency_s)
+    if code == "OK":
+        return
+    message = details()
+    level = logging.INFO if code in CLIENT_CODES else logging.WARNING
+    extra = {"event": "rpc_failed", "rpc": rpc, "model": model, "code": code,
+             "latency_ms": round(latency_s * 1000.0, 3), "details": message}  # fmt: skip
+    text = "rpc failed: rpc=%s model=%s code=%s latency_ms=%.2f message=%r"
+    if transport is not None:
+        text += f" transport={transport}"
+        extra["transport"] = transport
+    logger.log(level, text, rpc, model, code, latency_s * 1000.0, message, extra=extra)
 
 
 def _code(context: grpc.aio.ServicerContext) -> str | None:

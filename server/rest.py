@@ -13,7 +13,7 @@ one log line per failure (under the gRPC method's name, so dashboards see both t
 then the bearer token (health stays open), then the server-wide bounds of ``RequestLimits``
 (calls and request bytes in flight are shared with gRPC). Body size, header and body time
 bounds are server/rest_http.py's; an infer answer must be taken by its client within
-``stream_stall_timeout_s`` too (``_send``). Endpoints and examples: docs/rest.md.
+``stream_stall_timeout_s`` too (``rest_http.send_answer``). Endpoints and examples: docs/rest.md.
 """
 
 from __future__ import annotations
@@ -34,17 +34,19 @@ from vaeserve.server import rest_tensors as tensors
 from vaeserve.server.inference_protocol import InferenceProtocol
 from vaeserve.server.limits import RequestLimits
 from vaeserve.server.metrics import ServerMetrics
-from vaeserve.server.observer import CLIENT_CODES
+from vaeserve.server.observer import report_call
 from vaeserve.server.rest_http import (
     HTTP_STATUS,
     Admission,
     GuardedSite,
     Refusal,
+    binary_header_length,
     bind,
     json_response,
     model_and_version,
     read_body,
     readiness_response,
+    send_answer,
     server_ssl_context,
 )
 from vaeserve.server.security import UNAUTHENTICATED_MESSAGE
@@ -67,7 +69,6 @@ _CLOSE_S = 1.0
 _OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 _MODEL = "/v2/models/{name}"
 _VERSION = "/v2/models/{name}/versions/{version}"
-_BINARY_HEADER = "Inference-Header-Content-Length"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -273,28 +274,15 @@ class RestFrontend:
                 return json_response({"error": message}, HTTP_STATUS.get(code, 500))
             finally:
                 admission.leave()
-                self._record(rpc, self._label(model) if model else "", code, start, message)
+                label = self._label(model) if model else ""
+                latency = time.perf_counter() - start
+                report_call(self._metrics, rpc, label, code, latency, lambda: message, "rest")
 
         return endpoint
 
-    def _record(self, rpc: str, model: str, code: str, start: float, message: str) -> None:
-        latency = time.perf_counter() - start
-        self._metrics.observe_request(rpc, model, code, latency)
-        if code == "OK":
-            return
-        level = logging.INFO if code in CLIENT_CODES else logging.WARNING
-        logger.log(
-            level,
-            "rpc failed: rpc=%s model=%s code=%s latency_ms=%.2f message=%r transport=rest",
-            rpc, model, code, latency * 1000.0, message,
-            extra={"event": "rpc_failed", "rpc": rpc, "model": model, "code": code,
-                   "latency_ms": round(latency * 1000.0, 3), "details": message,
-                   "transport": "rest"},
-        )  # fmt: skip
-
     async def _body(self, request: web.Request, cap: int) -> bytearray:
         admission = request[_ADMISSION]
-        json_part = _header_length(request)
+        json_part = binary_header_length(request)
 
         def admit(size: int) -> None:
             json_size = size if json_part is None else min(json_part, size)
@@ -346,7 +334,7 @@ class RestFrontend:
 
     async def _infer(self, request: web.Request) -> web.StreamResponse:
         name, version = model_and_version(request)
-        header_length = _header_length(request)
+        header_length = binary_header_length(request)
         body = await self._body(request, self._settings.max_message_bytes)
         # Large conversions run on a thread: they hold the GIL, but the loop gets its turns.
         args = (body, header_length, name, version, self._bounds)
@@ -363,35 +351,10 @@ class RestFrontend:
             header, buffers = await asyncio.to_thread(tensors.infer_response, *answer)
         else:
             header, buffers = tensors.infer_response(*answer)
-        if not buffers:
-            return await self._send(request, [header], {"Content-Type": "application/json"})
-        headers = {_BINARY_HEADER: str(len(header)), "Content-Type": "application/octet-stream"}
-        return await self._send(request, [header, *buffers], headers)
-
-    async def _send(
-        self, request: web.Request, chunks: list[bytes | memoryview], headers: dict[str, str]
-    ) -> web.StreamResponse:
-        """Write an answer, cutting off a client that has not taken it within
-        ``stream_stall_timeout_s`` (one that reads nothing would hold the answer, and its
-        call's share of the bounds, for good)."""
-        response = web.StreamResponse(headers=headers)
-        response.content_length = sum(memoryview(c).nbytes for c in chunks)
         limit = self._settings.stream_stall_timeout_s
-        try:
-            async with asyncio.timeout(limit):
-                await response.prepare(request)
-                for chunk in chunks:
-                    await response.write(chunk)
-                await response.write_eof()
-        except TimeoutError:
-            if request.transport is not None:
-                request.transport.abort()
-            raise Refusal(
-                408, "RESOURCE_EXHAUSTED",
-                f"the client did not read its {response.content_length}-byte answer within "
-                f"{limit:g} s (stream_stall_timeout_s); read faster or ask for fewer rows",
-            ) from None  # fmt: skip
-        return response
+        if not buffers:
+            return await send_answer(request, [header], "application/json", limit)
+        return await send_answer(request, [header, *buffers], "application/octet-stream", limit)
 
     async def _repository_index(self, request: web.Request) -> web.StreamResponse:
         document = await self._json_body(request)
@@ -414,12 +377,3 @@ class RestFrontend:
         rest_json.repository_parameters(document.get("parameters", {}), unload.parameters)
         await self._protocol.repository_model_unload(unload)
         return web.Response(status=200)
-
-
-def _header_length(request: web.Request) -> int | None:
-    text = request.headers.get(_BINARY_HEADER)
-    if text is None:
-        return None
-    if not (text.isascii() and text.strip().isdigit()):
-        raise InvalidRequest(f"{_BINARY_HEADER} is {text[:40]!r}, expected a byte count")
-    return int(text)

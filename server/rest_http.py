@@ -11,6 +11,8 @@ request headers that trickle in, and reads bodies as slowly as clients send them
   ``idle_timeout_s``; TLS handshakes get ``header_timeout_s`` too;
 - ``read_body`` reads a body within a byte cap checked before reading (Content-Length) and
   while reading (chunked), within a time bound, into one buffer;
+- ``send_answer`` writes an answer within a time bound, cutting off a client that does not
+  read it;
 - ``Admission`` holds one call's share of the in-flight bounds it shares with gRPC's
   ``RequestLimits`` (calls and request bytes), refusing past them with gRPC's text.
 
@@ -38,7 +40,11 @@ from vaeserve.server.settings import ServerSettings
 __all__ = [
     "HTTP_STATUS", "Refusal", "Admission", "bind", "server_ssl_context", "GuardedSite",
     "read_body", "json_response", "readiness_response", "model_and_version",
+    "BINARY_HEADER", "binary_header_length", "send_answer",
 ]  # fmt: skip
+
+# Triton's binary tensor data extension: the length of the JSON part of a body or an answer.
+BINARY_HEADER = "Inference-Header-Content-Length"
 
 logger = logging.getLogger(__name__)
 
@@ -338,3 +344,41 @@ def readiness_response(ok: bool) -> web.Response:
 
 def model_and_version(request: web.Request) -> tuple[str, str]:
     return request.match_info.get("name", ""), request.match_info.get("version", "")
+
+
+def binary_header_length(request: web.Request) -> int | None:
+    """The request's ``Inference-Header-Content-Length`` (None: the whole body is JSON)."""
+    text = request.headers.get(BINARY_HEADER)
+    if text is None:
+        return None
+    if not (text.isascii() and text.strip().isdigit()):
+        raise InvalidRequest(f"{BINARY_HEADER} is {text[:40]!r}, expected a byte count")
+    return int(text)
+
+
+async def send_answer(
+    request: web.Request, chunks: list[bytes | memoryview], content_type: str, limit_s: float
+) -> web.StreamResponse:
+    """Write an answer (the first chunk its JSON part, the binary tensors after it), cutting
+    off a client that has not taken it within ``limit_s`` (``stream_stall_timeout_s``: one
+    that reads nothing would hold the answer, and its call's share of the bounds, for good)."""
+    headers = {"Content-Type": content_type}
+    if len(chunks) > 1:
+        headers[BINARY_HEADER] = str(len(chunks[0]))
+    response = web.StreamResponse(headers=headers)
+    response.content_length = sum(memoryview(c).nbytes for c in chunks)
+    try:
+        async with asyncio.timeout(limit_s):
+            await response.prepare(request)
+            for chunk in chunks:
+                await response.write(chunk)
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise Refusal(
+            408, "RESOURCE_EXHAUSTED",
+            f"the client did not read its {response.content_length}-byte answer within "
+            f"{limit_s:g} s (stream_stall_timeout_s); read faster or ask for fewer rows",
+        ) from None  # fmt: skip
+    return response
