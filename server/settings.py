@@ -1,7 +1,9 @@
 """Server configuration as plain data, read from flags and VAESERVE_* variables in one place.
 
 Every flag ``--some-flag`` has the environment variable ``VAESERVE_SOME_FLAG``; a flag given
-on the command line wins over the variable, which wins over the default.
+on the command line wins over the variable, which wins over the default. Which flags there
+are, how each parses and its help: server/flags.py; the defaults, the checks and the parser
+built from them: here.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vaeserve.info import Limits
+from vaeserve.server.flags import ENV_PREFIX, FLAGS, env_name, from_environ
 
 __all__ = [
     "DEVICES",
@@ -28,7 +31,6 @@ __all__ = [
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
-ENV_PREFIX = "VAESERVE_"
 _MIB = 1 << 20
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -204,7 +206,7 @@ class ServerSettings:
             ValueError: a variable that does not parse, naming it and what was expected.
         """
         values = _defaults()
-        values.update(_from_environ(os.environ if environ is None else environ))
+        values.update(from_environ(os.environ if environ is None else environ))
         values.update(overrides)
         return _build(values)
 
@@ -220,7 +222,7 @@ class ServerSettings:
         parser = build_parser()
         try:
             values = _defaults()
-            values.update(_from_environ(os.environ if environ is None else environ))
+            values.update(from_environ(os.environ if environ is None else environ))
         except ValueError as exc:
             parser.error(str(exc))
         parser.set_defaults(**values)
@@ -234,14 +236,6 @@ class ServerSettings:
         raise AssertionError("unreachable")  # parser.error exits
 
 
-@dataclass(frozen=True)
-class _Flag:
-    name: str  # the dataclass field, also the flag (with '-') and the variable (upper case)
-    parse: Callable[[str], Any]
-    help: str
-    aliases: tuple[str, ...] = ()  # more option strings, e.g. "--reload-interval"
-
-
 def usable_cores() -> int:
     """The cores this process may run on (a container's share, not the host's count)."""
     try:
@@ -250,113 +244,6 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _models(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def port_or_off(text: str) -> int | None:
-    """A port number, or "off" (None): the value of --http-port."""
-    return None if text.strip().lower() == "off" else int(text)
-
-
-_FLAGS = (
-    _Flag(
-        "repository",
-        Path,
-        "model repository: <dir>/<name>/<version>/manifest.json",
-        aliases=("--model-repository",),
-    ),  # fmt: skip
-    _Flag(
-        "models",
-        _models,
-        "comma-separated model names to serve (explicit mode: to load at start); empty: all",
-        aliases=("--load-model",),
-    ),  # fmt: skip
-    _Flag("host", str, "address to bind (0.0.0.0 in a container)"),
-    _Flag("port", int, "gRPC port to bind; 0 picks a free one", aliases=("--grpc-port",)),
-    _Flag(
-        "http_port",
-        port_or_off,
-        "REST port of the Open Inference Protocol (v2 HTTP/JSON); 0 picks a free one; off: none",
-    ),  # fmt: skip
-    _Flag("device", str, "onnxruntime device: auto (CUDA if available), cpu or cuda"),
-    _Flag("intra_op_threads", int, "onnxruntime threads within one run; 0: per core"),
-    _Flag("inter_op_threads", int, "onnxruntime threads across graph nodes; 0: default"),
-    _Flag("max_samples_per_request", int, "most rows in one unary call"),
-    _Flag("max_stream_samples", int, "most samples in one SampleStream call"),
-    _Flag("default_stream_chunk_size", int, "samples per streamed answer by default"),
-    _Flag("max_stream_chunk_size", int, "most samples per streamed answer"),
-    _Flag("max_score_samples", int, "most importance samples k per input of one Score call"),
-    _Flag("max_score_rows", int, "most decoder rows (inputs x k) of one Score call"),
-    _Flag(
-        "max_message_bytes", int, "gRPC message size limit, both directions; REST infer body limit"
-    ),
-    _Flag("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM"),
-    _Flag("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
-    _Flag("log_format", str, "text, or json: one object per line"),
-    _Flag(
-        "metrics_port",
-        int,
-        "serve Prometheus metrics at :PORT/metrics (0: any free port); unset: off",
-    ),
-    _Flag("tls_cert", Path, "PEM certificate chain: serve TLS (needs --tls-key)"),
-    _Flag("tls_key", Path, "PEM private key of --tls-cert"),
-    _Flag("tls_client_ca", Path, "PEM CA bundle: require client certificates it signed"),
-    _Flag(
-        "auth_token_file",
-        Path,
-        "file holding a bearer token every call but health needs (gRPC and REST)",
-    ),
-    _Flag(
-        "reload_interval_s",
-        float,
-        "rescan the repository every S seconds (0: on SIGHUP only)",
-        aliases=("--reload-interval", "--repository-poll-secs"),
-    ),  # fmt: skip
-    _Flag(
-        "model_control_mode",
-        str,
-        "none: the models found at start (SIGHUP rescans); poll: also every reload interval; "
-        "explicit: loaded and unloaded through the repository API",
-    ),  # fmt: skip
-    _Flag("workers", int, "server processes sharing the port; >1: metrics on PORT+i each"),
-    _Flag("max_small_request_bytes", int, "largest request of a method that carries no tensors"),
-    _Flag("max_request_fields", int, "most protobuf fields in one request, nested included"),
-    _Flag("max_inflight_calls", int, "calls in progress before new ones get RESOURCE_EXHAUSTED"),
-    _Flag("max_waiting_calls", int, "calls not yet taken up; past it gRPC ends new ones CANCELLED"),
-    _Flag("max_inflight_request_bytes", int, "request bytes held by calls in progress, in all"),
-    _Flag("max_pending_answer_bytes", int, "streamed answer bytes not yet read by clients"),
-    _Flag(
-        "stream_stall_timeout_s",
-        float,
-        "cut off a stream whose client reads nothing this long; REST: the time limit of a "
-        "request's header and body and of reading the answer",
-    ),
-    _Flag("max_concurrent_streams", int, "calls in progress on one connection"),
-    _Flag("min_ping_interval_s", float, "clients pinging more often than this get GOAWAY"),
-    _Flag(
-        "max_connection_idle_s",
-        float,
-        "close a connection without calls after this (gRPC and REST)",
-    ),
-    _Flag("max_connection_age_s", float, "close connections after this (0: never)"),
-    _Flag("max_connection_age_grace_s", float, "time in-progress calls get past the age"),
-    _Flag("max_batch_size", int, "rows per batched run; 1 switches batching off"),
-    _Flag("max_queue_delay_ms", float, "how long a request may wait to share a batch"),
-    _Flag("max_queue_size", int, "queued requests per graph before RESOURCE_EXHAUSTED"),
-    _Flag(
-        "instances",
-        int,
-        "graph runs in flight at once, each single-threaded when > 1; 0: one per "
-        "onnxruntime thread on CPU, 1 on CUDA",
-    ),  # fmt: skip
-    _Flag(
-        "queue_delay_policy",
-        str,
-        "adaptive: wait the queue delay only while recent batches were shared; "
-        "always: every batch may wait it",
-    ),  # fmt: skip
-)
 _BATCHING_FIELDS = frozenset(f.name for f in dataclasses.fields(BatchingSettings))
 
 
@@ -367,25 +254,6 @@ def _defaults() -> dict[str, Any]:
             values[f.name] = f.default
     values.update(dataclasses.asdict(BatchingSettings()))
     values.update(_COMMAND_DEFAULTS)
-    return values
-
-
-def _env_name(flag: _Flag) -> str:
-    return ENV_PREFIX + flag.name.upper()
-
-
-def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
-    values = {}
-    for flag in _FLAGS:
-        text = environ.get(_env_name(flag))
-        if text is None or text == "":
-            continue
-        try:
-            values[flag.name] = flag.parse(text)
-        except ValueError:
-            raise ValueError(
-                f"{_env_name(flag)}={text!r} is not valid: expected {flag.parse.__name__}"
-            ) from None
     return values
 
 
@@ -413,11 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}PORT=8001.",
     )
     defaults = _defaults()
-    for flag in _FLAGS:
+    for flag in FLAGS:
         option = "--" + flag.name.replace("_", "-")
         # argparse's %(default)s would show None: defaults are applied after env variables.
         shown = _shown_default(defaults.get(flag.name)).replace("%", "%%")
-        help_text = f"{flag.help} [default: {shown}; env {_env_name(flag)}]"
+        help_text = f"{flag.help} [default: {shown}; env {env_name(flag)}]"
         kwargs: dict[str, Any] = {"dest": flag.name, "type": flag.parse, "help": help_text}
         if flag.name == "device":
             kwargs["choices"] = DEVICES
