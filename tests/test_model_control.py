@@ -30,6 +30,7 @@ from ops_fixtures import (
     settings,
     wait_until,
 )
+from reload_fixtures import FakeTarget
 from serving_fixtures import ServerThread, channel
 
 from vaeserve.errors import InvalidRequest, ModelControlDisabled, ModelNotFound, NotServing
@@ -131,41 +132,19 @@ def test_a_specific_version_must_be_on_disk():
 # --- in process: the explicit mode's rescans, and the checks before a change ---
 
 
-class Target:
-    """A reload target serving ``served``; records what it is asked to load and unload."""
-
-    def __init__(self, served):
-        self.loaded, self.calls = set(served), []
-
-    def served(self):
-        return set(self.loaded)
-
-    def failed(self):
-        return {}
-
-    async def load_version(self, version):
-        self.calls.append(("load", version.key))
-        self.loaded.add(version.key)
-        return True
-
-    async def unload_version(self, key):
-        self.calls.append(("unload", key))
-        self.loaded.discard(key)
-
-
 def test_an_explicit_mode_rescan_never_adds_a_model_or_a_version(tmp_path):
     for name, version in (("a", 1), ("a", 2), ("b", 1)):
         (tmp_path / name / str(version)).mkdir(parents=True)
         (tmp_path / name / str(version) / "manifest.json").write_text("{}")
-    target = Target(served=[("a", 1)])
+    target = FakeTarget(served=[("a", 1)])
     refresh = Reloader(target, tmp_path, refresh_only=True)
     assert not asyncio.run(refresh.rescan())  # a/2 and b are on disk, but not loaded
     (tmp_path / "a" / "1" / "manifest.json").unlink()
     (tmp_path / "a" / "1").rmdir()
     asyncio.run(refresh.rescan())
     assert target.calls == [("unload", ("a", 1))]
-    assert not asyncio.run(Reloader(Target([]), tmp_path, refresh_only=True).rescan())
-    everything = Target(served=[])
+    assert not asyncio.run(Reloader(FakeTarget([]), tmp_path, refresh_only=True).rescan())
+    everything = FakeTarget(served=[])
     asyncio.run(Reloader(everything, tmp_path).rescan())  # modes none and poll
     assert everything.calls == [("load", ("a", 2)), ("load", ("b", 1))]
 

@@ -23,6 +23,7 @@ from ops_fixtures import (
     settings,
     wait_until,
 )
+from reload_fixtures import FakeTarget
 from serving_fixtures import ServerThread, channel
 
 from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
@@ -95,34 +96,6 @@ def test_plan_retries_a_failed_version_only_after_its_files_change():
 
 
 # --- the reloader against a fake registry ---
-
-
-class FakeTarget:
-    """Records what the reloader asks; versions named in ``broken`` fail to load."""
-
-    def __init__(self, served=(), broken=()):
-        self.loaded = set(served)
-        self.failures: dict = {}
-        self.broken = set(broken)
-        self.calls: list[tuple[str, tuple[str, int]]] = []
-
-    def served(self):
-        return set(self.loaded)
-
-    def failed(self):
-        return dict(self.failures)
-
-    async def load_version(self, version):
-        self.calls.append(("load", version.key))
-        if version.key in self.broken:
-            self.failures[version.key] = version.fingerprint
-            return False
-        self.loaded.add(version.key)
-        return True
-
-    async def unload_version(self, key):
-        self.calls.append(("unload", key))
-        self.loaded.discard(key)
 
 
 def test_rescan_applies_the_plan_and_skips_broken_versions(tmp_path):
