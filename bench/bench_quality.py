@@ -173,12 +173,15 @@ def diagnose_prior_cvae(checkpoint: Path) -> None:
     import torch
 
     from vaeserve.training.checkpoint import load_model
-    from vaeserve.training.data import load_dataset
+    from vaeserve.training.data import VAL_FRACTION, load_dataset
     from vaeserve.training.evaluate import _fit_classifier
 
     model, ckpt = load_model(checkpoint)
     info = ckpt.data_info
-    splits = load_dataset(info["spec"], binarize=info["binarize"], split_seed=info["split_seed"])
+    splits = load_dataset(
+        info["spec"], binarize=info["binarize"], split_seed=info["split_seed"],
+        val_fraction=info.get("val_fraction", VAL_FRACTION),
+    )  # fmt: skip
     classifier = _fit_classifier(splits.train.x, splits.train.y)
     means = model.prior_means.detach()
     gaps = torch.cdist(means, means).fill_diagonal_(float("inf")).min(1).values

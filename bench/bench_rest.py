@@ -19,7 +19,6 @@ import argparse
 import http.client
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -59,13 +58,7 @@ class Row:
 
 
 def _rest_port(server: ServerProcess) -> int:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        match = re.search(r"REST listening on http://\S+:(\d+)", server.log.read_text())
-        if match:
-            return int(match.group(1))
-        time.sleep(0.05)
-    raise RuntimeError("vae-serve logged no REST port")
+    return server.logged_port(r"REST listening on http://\S+:(\d+)")
 
 
 def _wait_ready(connection: http.client.HTTPConnection) -> None:

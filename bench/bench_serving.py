@@ -198,19 +198,20 @@ class ServerProcess:
         self.log = log
         with open(log, "w") as f:
             self.process = subprocess.Popen(command, stderr=f)
-        self.port = self._wait_for_port()
+        self.port = self.logged_port(r"listening on \S+:(\d+)")
 
-    def _wait_for_port(self) -> int:
+    def logged_port(self, pattern: str) -> int:
+        """The port the server's log names (``pattern``'s group 1), once it has."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             text = self.log.read_text()
-            match = re.search(r"listening on \S+:(\d+)", text)
+            match = re.search(pattern, text)
             if match:
                 return int(match.group(1))
             if self.process.poll() is not None:
                 raise RuntimeError(f"vae-serve exited: {text}")
             time.sleep(0.05)
-        raise RuntimeError(f"vae-serve did not start within {START_TIMEOUT_S} s")
+        raise RuntimeError(f"vae-serve logged no {pattern!r} within {START_TIMEOUT_S} s")
 
     def stop(self) -> None:
         self.process.terminate()

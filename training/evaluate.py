@@ -6,6 +6,7 @@ Run: vae-eval RUN_DIR [--data SPEC [--whole-file]] [--k K]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -338,16 +339,7 @@ def evaluate_run(
         own = load_dataset(info["spec"], val_fraction=val_fraction, **how)
         if whole.y is not None and model.needs_label:
             check_labels(f"{data} y", whole.y, model.config.num_classes, len(whole))
-        splits = DatasetSplits(
-            data,
-            own.train,
-            own.val,
-            whole,
-            own.class_names,
-            own.binarize,
-            own.split_seed,
-            own.val_fraction,
-        )
+        splits = dataclasses.replace(own, spec=data, test=whole)
     else:
         splits = load_dataset(data or info["spec"], val_fraction=val_fraction, **how)
     metrics = evaluate_model(model, splits, k=k, seed=seed, device=torch_device)

@@ -53,7 +53,12 @@ def stored_run(config: TrainConfig, ckpt_path: Path) -> Checkpoint:
 
 
 def copy_state(model: VAE) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return clone_state(model.state_dict())
+
+
+def clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a state dict that later training steps leave alone."""
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def resume_state(
@@ -71,7 +76,7 @@ def resume_state(
         "history": state.history,
         "train_seconds": state.train_seconds,
         "epoch": state.epoch,
-        "ema": {k: v.detach().clone() for k, v in state.ema.items()},
+        "ema": clone_state(state.ema),
     }
 
 

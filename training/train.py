@@ -311,9 +311,8 @@ def _train_epoch(
             u = torch.rand((len(batch), *x.shape[1:]), generator=draw, device=device)
             x = (u[part] < x).to(x.dtype)
         weight = len(idx) / len(batch) * ranks.world_size
-        if config.lr_schedule != "constant":
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(config, step, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step, total_steps)
         loss = step_loss(x, y, beta, config.train_k, eps[:, part], weight)
         if not torch.isfinite(loss):
             raise RuntimeError(f"training diverged (loss {loss.item()}); try a lower --lr")
