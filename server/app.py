@@ -250,12 +250,12 @@ async def create_server(
         open_graph,
         ServerMetrics(settings.batching.max_batch_size),
     )
+    token = None if settings.auth_token_file is None else read_token(settings.auth_token_file)
+    label = _model_label(registry)
     # Outermost first: the observer also counts and logs the calls that auth turns away.
-    guards: list[grpc.aio.ServerInterceptor] = [
-        RequestObserver(registry.metrics, _model_label(registry))
-    ]
-    if settings.auth_token_file is not None:
-        guards.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
+    guards: list[grpc.aio.ServerInterceptor] = [RequestObserver(registry.metrics, label)]
+    if token is not None:
+        guards.append(BearerTokenInterceptor(token))
     # Inside the token check: a caller without the token is never counted nor parsed.
     limits = RequestLimits(settings)
     guards.append(limits)
@@ -290,10 +290,7 @@ async def create_server(
         # Imported here: a server without a REST port never loads aiohttp.
         from vaeserve.server.rest import RestFrontend
 
-        token = None if settings.auth_token_file is None else read_token(settings.auth_token_file)
-        rest = RestFrontend(
-            protocol, settings, registry.metrics, limits, _model_label(registry), token, reuse_port
-        )
+        rest = RestFrontend(protocol, settings, registry.metrics, limits, label, token, reuse_port)
     server = VaeServer(grpc_server, registry, health_servicer, names, port, settings, rest)
     return server, port
 

@@ -57,7 +57,8 @@ class _Served:
 
     @property
     def key(self) -> GraphKey:
-        return GraphKey(self.model.manifest.name, self.model.manifest.version, self.kind.suffix)
+        """The graph whose batcher (and statistics) runs this protocol model's rows."""
+        return GraphKey(self.model.manifest.name, self.model.manifest.version, self.kind.graph)
 
 
 @dataclass(frozen=True)
@@ -102,15 +103,9 @@ def _tensors(specs: dict[str, TensorSpec]) -> list[_TensorMetadata]:
 class InferenceProtocol:
     """Serves every model of ``registry`` as one protocol model per kind."""
 
-    def __init__(
-        self, registry: ModelRegistry, settings: ServerSettings, metrics: ServerMetrics,
-        control: ModelControl | None = None,
-    ):  # fmt: skip
-        """Args:
-        control: answers the repository API; None: one of its own over ``registry``.
-        """
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings, metrics: ServerMetrics):
         self.registry = registry
-        self.control = control or ModelControl(registry, settings, suffixes=KINDS)
+        self.control = ModelControl(registry, settings, suffixes=KINDS)  # the repository API
         self._settings = settings
         self._metrics = metrics
         try:
@@ -245,8 +240,7 @@ class InferenceProtocol:
     def _statistics(self, served: _Served) -> pb.ModelStatistics:
         # The batcher's numbers: NAME-scorer and NAME-sampler report the decoder's, whose
         # queue and runs their rows share (their own calls are counted by rpc and model).
-        m = served.model.manifest
-        s = self._metrics.graph_statistics(GraphKey(m.name, m.version, served.kind.graph))
+        s = self._metrics.graph_statistics(served.key)
         compute = pb.StatisticDuration(count=s.compute_count, ns=s.compute_ns)
         return pb.ModelStatistics(
             name=f"{served.key.model}-{served.kind.suffix}",
@@ -305,8 +299,4 @@ def _one_repository(name: str) -> None:
 
 def _parameters(parameters) -> dict[str, object]:
     """A repository request's parameters as Python values (None: a parameter with no value)."""
-    values: dict[str, object] = {}
-    for name, parameter in parameters.items():
-        choice = parameter.WhichOneof("parameter_choice")
-        values[name] = None if choice is None else getattr(parameter, choice)
-    return values
+    return {name: convert.parameter_value(p) for name, p in parameters.items()}

@@ -39,6 +39,8 @@ from vaeserve.server.handlers import DetachedRequest, detached_bytes
 from vaeserve.tensors import CONFIG_DATATYPES, KSERVE_DATATYPES, WIRE_NUMPY
 
 __all__ = [
+    "parameter_value",
+    "seed_parameter",
     "DATATYPES",
     "CONFIG_TYPES",
     "SCORE_OUTPUTS",
@@ -132,11 +134,28 @@ def score_request(request: pb.ModelInferRequest, m: ModelManifest, max_rows: int
             typed.x.data = np.asarray(tensor.contents.fp32_contents, dtype="<f4").tobytes()
     typed.k = _int_parameter(request, "k", 1, int64=True)
     typed.start_index = _int_parameter(request, "start_index", 0, int64=True)
+    seed = seed_parameter(request)
+    if seed is not None:
+        typed.seed = seed
+    return DetachedRequest(typed, detached)
+
+
+def seed_parameter(request: pb.ModelInferRequest) -> int | None:
+    """The request's ``seed`` parameter, 0..MAX_SEED (None: absent).
+
+    Raises:
+        InvalidRequest: not an integer, or out of range.
+    """
     seed = _int_parameter(request, "seed", None, int64=False)
     if seed is not None:
         check_in_range("seed", seed, 0, sampling.MAX_SEED)  # an int64_param may be negative
-        typed.seed = seed
-    return DetachedRequest(typed, detached)
+    return seed
+
+
+def parameter_value(parameter: pb.InferParameter) -> Any:
+    """A protocol parameter as its Python value (None: a parameter with no value set)."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(parameter, kind)
 
 
 def _int_parameter(

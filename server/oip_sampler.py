@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from vaeserve.engine import pipeline, sampling
-from vaeserve.engine.checks import check_in_range, check_labels
+from vaeserve.engine.checks import check_labels
 from vaeserve.errors import InvalidRequest
 from vaeserve.manifest import ModelManifest, TensorSpec
 from vaeserve.proto.inference import grpc_service_pb2 as pb
@@ -109,10 +109,9 @@ def sampler_request(
     labels = arrays.get("y")
     if labels is not None:
         check_labels("input 'y'", labels, m)
-    seed = convert._int_parameter(request, "seed", None, int64=False)
+    seed = convert.seed_parameter(request)
     if seed is None:
         seed = sampling.new_seed()
-    check_in_range("seed", seed, 0, sampling.MAX_SEED)  # an int64_param may be negative
     return SamplerRequest(index, labels, seed, _temperature(request), _draw(request))
 
 

@@ -49,7 +49,7 @@ from vaeserve.server.rest_http import (
     send_answer,
     server_ssl_context,
 )
-from vaeserve.server.security import UNAUTHENTICATED_MESSAGE
+from vaeserve.server.security import UNAUTHENTICATED_MESSAGE, bearer_credential
 from vaeserve.server.settings import ServerSettings
 from vaeserve.server.status import status_of
 
@@ -232,10 +232,7 @@ class RestFrontend:
     def _authorized(self, request: web.Request) -> bool:
         if self._token is None or request.path in _OPEN_PATHS:
             return True
-        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-        given = (
-            credential.strip().encode("latin-1", "replace") if scheme.lower() == "bearer" else b""
-        )
+        given = bearer_credential(request.headers.get("Authorization", ""))
         # compare_digest takes the same time wherever the first differing byte is.
         return hmac.compare_digest(given, self._token)
 

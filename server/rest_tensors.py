@@ -24,7 +24,7 @@ from vaeserve.errors import InvalidRequest
 from vaeserve.proto.inference import grpc_service_pb2 as pb
 from vaeserve.server.handlers import DetachedRequest
 from vaeserve.server.inference_protocol import Inference
-from vaeserve.server.oip_convert import DATATYPES
+from vaeserve.server.oip_convert import DATATYPES, parameter_value
 from vaeserve.server.rest_json import (
     INT64_RANGE,
     JsonBounds,
@@ -205,11 +205,6 @@ def infer_request(
     return answer
 
 
-def _parameter_value(parameter: Any) -> Any:
-    kind = parameter.WhichOneof("parameter_choice")
-    return None if kind is None else getattr(parameter, kind)
-
-
 def infer_response(
     inference: Inference, binary: bool, binary_by_output: Mapping[str, bool]
 ) -> tuple[bytes, list[memoryview]]:
@@ -243,7 +238,7 @@ def infer_response(
     if response.id:
         header["id"] = response.id
     if response.parameters:
-        header["parameters"] = {k: _parameter_value(v) for k, v in response.parameters.items()}
+        header["parameters"] = {k: parameter_value(v) for k, v in response.parameters.items()}
     text = f'{compact_json(header)[:-1]},"outputs":[{",".join(outputs)}]}}'
     return text.encode(), buffers
 

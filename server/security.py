@@ -25,6 +25,7 @@ from vaeserve.server.handlers import rewrapped
 from vaeserve.server.settings import ServerSettings
 
 __all__ = [
+    "bearer_credential",
     "settings_credentials",
     "UNAUTHENTICATED_MESSAGE",
     "OPEN_METHOD_PREFIXES",
@@ -107,14 +108,20 @@ def read_token(path: str | os.PathLike[str]) -> str:
     return token.decode("ascii")
 
 
+def bearer_credential(authorization: str) -> bytes:
+    """The token of an ``Authorization: Bearer <token>`` value (b"": another scheme or none),
+    as bytes for ``hmac.compare_digest``; gRPC metadata and REST headers alike."""
+    scheme, _, credential = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        return credential.strip().encode("latin-1", "replace")
+    return b""
+
+
 def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes:
     for key, value in metadata or ():
         if key == "authorization":
             text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-            scheme, _, credential = text.partition(" ")
-            if scheme.lower() == "bearer":
-                return credential.strip().encode("latin-1", "replace")
-            return b""
+            return bearer_credential(text)
     return b""
 
 
