@@ -26,8 +26,9 @@ whether a run goes to a thread, and how idle instances share the queued rows.
 from __future__ import annotations
 
 import math
-import os
 import time
+
+from vaeserve.server.settings import usable_cores
 
 __all__ = [
     "COMPANY_MEMORY_S",
@@ -61,9 +62,7 @@ class CpuLoad:
     """Cores' worth of CPU this process used over the last window, all threads together."""
 
     def __init__(self) -> None:
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1
-        )  # fmt: skip
+        self.cores = usable_cores()
         self._wall, self._cpu = time.monotonic(), time.process_time()
         self._busy = 0.0
 
@@ -80,13 +79,13 @@ class CpuLoad:
 class DelayPolicy:
     """How long the head of the queue may wait for batch-mates."""
 
-    def __init__(self, max_queue_delay_ms: float, policy: str, cpu: CpuLoad | None = None):
+    def __init__(self, max_queue_delay_ms: float, policy: str):
         self.delay_s = max_queue_delay_ms / 1000.0
         self._always = policy == "always"
         self._shared_at = -math.inf  # clock time of the last batch that held several requests
         self._arrived_at = -math.inf
         self._gap_s = math.inf  # moving average of the time between arrivals
-        self._cpu = cpu or CpuLoad()
+        self._cpu = CpuLoad()
         self._callers = 0  # callers waiting for their results: queued or computing
         self._peak = 0  # the most callers at once since _peak_since
         self._peak_since = -math.inf
@@ -134,7 +133,7 @@ class DelayPolicy:
         """
         if self._always:
             return True
-        if now - self._shared_at > COMPANY_MEMORY_S or self._gap_s >= self.delay_s:
+        if self.lone(now) or self._gap_s >= self.delay_s:
             return False
         if run_s != math.inf and fixed_s != math.inf and run_s > FIXED_COST_FACTOR * fixed_s:
             return False
@@ -160,7 +159,7 @@ class InlineChoice:
         self._run_s[key] = seconds if old is None else old + RUN_WEIGHT * (seconds - old)
 
     def inline(self, rows: int) -> bool:
-        return self._run_s.get(rows.bit_length(), math.inf) < INLINE_RUN_S
+        return self.run_s(rows) < INLINE_RUN_S
 
     def run_s(self, rows: int) -> float:
         """The measured cost of a run of about ``rows`` rows (inf: never measured)."""

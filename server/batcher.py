@@ -230,11 +230,7 @@ class DynamicBatcher:
         asyncio's ready queue (``loop._ready``; a loop without one never takes this path)."""
         observer, stats = self._observer, self._stats
         observer.on_dequeue(0.0)
-        stats.batches += 1
-        stats.rows += rows
-        stats.batch_sizes[rows] += 1
-        stats.requests_per_batch[1] += 1
-        stats.inline_runs += 1
+        self._count_batch(rows, 1, inline=True)
         start = time.perf_counter()
         try:
             outputs = self._run_small(dict(inputs))
@@ -318,14 +314,10 @@ class DynamicBatcher:
     async def _execute(self, batch: list[Slice]) -> None:
         """Run ``batch`` on the event loop (then yield), or start it on a worker thread."""
         rows = sum(end - start for _, start, end in batch)
-        stats = self._stats
-        stats.batches += 1
-        stats.rows += rows
-        stats.batch_sizes[rows] += 1
-        stats.requests_per_batch[len(batch)] += 1
+        inline = self._inline.inline(rows)
+        self._count_batch(rows, len(batch), inline)
         start = time.perf_counter()
-        if self._inline.inline(rows):
-            stats.inline_runs += 1
+        if inline:
             self._deliver(batch, self._compute(batch, small=True), rows, start)
             # Give the loop a turn before the next batch: answers go out and new calls come
             # in (and fill the queue, so its bound still refuses an overload).
@@ -345,6 +337,15 @@ class DynamicBatcher:
             self._deliver(batch, results, rows, start)
 
         run.add_done_callback(finished)
+
+    def _count_batch(self, rows: int, requests: int, inline: bool) -> None:
+        """A batch's place in the stats, queued or on the fast path alike."""
+        stats = self._stats
+        stats.batches += 1
+        stats.rows += rows
+        stats.batch_sizes[rows] += 1
+        stats.requests_per_batch[requests] += 1
+        stats.inline_runs += inline
 
     def _deliver(
         self, batch: list[Slice], results: list[Arrays | BaseException], rows: int, start: float
