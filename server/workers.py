@@ -73,7 +73,7 @@ def decode_settings(text: str) -> ServerSettings:
     return ServerSettings(**values, batching=batching)
 
 
-def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+def _reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound to host:port with SO_REUSEPORT, not listening: it keeps the port ours
     while the workers bind it, and receives no connections itself."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -84,7 +84,7 @@ def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     except OSError:
         sock.close()
         raise
-    return sock, sock.getsockname()[1]
+    return sock
 
 
 class _Worker:
@@ -142,7 +142,7 @@ def supervise(settings: ServerSettings) -> int:
     try:
         for wanted in (settings.port, settings.http_port):
             if wanted is not None:
-                reserved.append(_reserve_port(settings.host, wanted)[0])
+                reserved.append(_reserve_port(settings.host, wanted))
     except OSError as exc:
         for sock in reserved:
             sock.close()

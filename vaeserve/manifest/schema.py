@@ -124,7 +124,7 @@ class ModelManifest:
 
     @property
     def format_version(self) -> int:
-        return MANIFEST_FORMAT_VERSION if self.prior is None else MIXTURE_FORMAT_VERSION
+        return _format_for(self.prior)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -171,7 +171,7 @@ class ModelManifest:
                 "with this version"
             )
         prior = read_prior(data.get("prior"), source)
-        if fmt != (MANIFEST_FORMAT_VERSION if prior is None else MIXTURE_FORMAT_VERSION):
+        if fmt != _format_for(prior):
             raise ManifestError(
                 f"{source}: format_version is {fmt}, expected {MIXTURE_FORMAT_VERSION} with a "
                 f"mixture prior (field 'prior') and {MANIFEST_FORMAT_VERSION} without one; "
@@ -276,3 +276,8 @@ def _check_graph_contract(m: ModelManifest, source: str) -> None:
                     f"{source}: field '{where}.{name}' is {got.dtype}{list(got.shape)}, "
                     f"expected {spec.dtype}{list(spec.shape)}"
                 )
+
+
+def _format_for(prior: PriorSpec | None) -> int:
+    """The format_version a manifest with (or without) a mixture prior is written in."""
+    return MANIFEST_FORMAT_VERSION if prior is None else MIXTURE_FORMAT_VERSION
