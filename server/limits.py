@@ -75,6 +75,28 @@ class RequestLimits(grpc.aio.ServerInterceptor):
         # handler are kept, so this holds at most the server's methods.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
+    def calls_refusal(self) -> str | None:
+        """Why one more call is refused now (None: it is not), in the words of both
+        transports."""
+        s = self._settings
+        if self.inflight_calls >= s.max_inflight_calls:
+            return (
+                f"the server has {self.inflight_calls} calls in progress "
+                f"(max_inflight_calls {s.max_inflight_calls}); retry with backoff"
+            )
+        return None
+
+    def bytes_refusal(self, adding: int) -> str | None:
+        """Why holding ``adding`` more bytes of requests is refused now (None: it is not)."""
+        s = self._settings
+        if self.inflight_request_bytes + adding > s.max_inflight_request_bytes:
+            return (
+                f"the server holds {self.inflight_request_bytes} bytes of requests in "
+                f"progress (max_inflight_request_bytes {s.max_inflight_request_bytes}); "
+                "retry with backoff"
+            )
+        return None
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -108,24 +130,15 @@ class RequestLimits(grpc.aio.ServerInterceptor):
         self, deserialize: Callable[[bytes], Any] | None, cap: int
     ) -> Callable[[bytes], Any]:
         """The request parser, behind the size bound and the in-flight bounds."""
-        s = self._settings
 
         def parse(data: bytes) -> Any:
             if len(data) > cap:
                 return _Refused(
                     f"the request is {len(data)} bytes, over this method's limit of {cap} bytes"
                 )
-            if self.inflight_calls >= s.max_inflight_calls:
-                return _Refused(
-                    f"the server has {self.inflight_calls} calls in progress "
-                    f"(max_inflight_calls {s.max_inflight_calls}); retry with backoff"
-                )
-            if self.inflight_request_bytes + len(data) > s.max_inflight_request_bytes:
-                return _Refused(
-                    f"the server holds {self.inflight_request_bytes} bytes of requests in "
-                    f"progress (max_inflight_request_bytes {s.max_inflight_request_bytes}); "
-                    "retry with backoff"
-                )
+            refusal = self.calls_refusal() or self.bytes_refusal(len(data))
+            if refusal is not None:
+                return _Refused(refusal)
             _REQUEST_BYTES.set(len(data))
             return data if deserialize is None else deserialize(data)
 

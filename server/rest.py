@@ -249,7 +249,7 @@ class RestFrontend:
             start = time.perf_counter()
             model = request.match_info.get("name", "")
             code, message = "OK", ""
-            admission = Admission(self._limits, self._settings)
+            admission = Admission(self._limits)
             try:
                 if not self._authorized(request):
                     code, message = "UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE

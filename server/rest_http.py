@@ -61,35 +61,25 @@ class Refusal(Exception):
 class Admission:
     """One call's share of the in-flight bounds shared with gRPC (``RequestLimits``)."""
 
-    def __init__(self, limits: RequestLimits, settings: ServerSettings):
+    def __init__(self, limits: RequestLimits):
         self._limits = limits
-        self._settings = settings
         self.bytes = 0
         self.entered = False
 
     def enter(self) -> None:
-        s, limits = self._settings, self._limits
-        if limits.inflight_calls >= s.max_inflight_calls:
-            raise Refusal(
-                429, "RESOURCE_EXHAUSTED",
-                f"the server has {limits.inflight_calls} calls in progress "
-                f"(max_inflight_calls {s.max_inflight_calls}); retry with backoff",
-            )  # fmt: skip
-        limits.inflight_calls += 1
+        refusal = self._limits.calls_refusal()
+        if refusal is not None:
+            raise Refusal(429, "RESOURCE_EXHAUSTED", refusal)
+        self._limits.inflight_calls += 1
         self.entered = True
 
     def reserve(self, size: int) -> None:
         """Hold ``size`` bytes in all (replacing what this call held)."""
-        s, limits = self._settings, self._limits
-        others = limits.inflight_request_bytes - self.bytes
-        if others + size > s.max_inflight_request_bytes:
-            raise Refusal(
-                429, "RESOURCE_EXHAUSTED",
-                f"the server holds {limits.inflight_request_bytes} bytes of requests in "
-                f"progress (max_inflight_request_bytes {s.max_inflight_request_bytes}); "
-                "retry with backoff",
-            )  # fmt: skip
-        limits.inflight_request_bytes = others + size
+        limits = self._limits
+        refusal = limits.bytes_refusal(size - self.bytes)
+        if refusal is not None:
+            raise Refusal(429, "RESOURCE_EXHAUSTED", refusal)
+        limits.inflight_request_bytes += size - self.bytes
         self.bytes = size
 
     def leave(self) -> None:
