@@ -21,6 +21,7 @@ from vaeserve.errors import MalformedMessage
 __all__ = [
     "TENSOR_TYPE",
     "rewrapped",
+    "WrappedHandlers",
     "tensor_methods",
     "MalformedRequest",
     "DetachedRequest",
@@ -188,6 +189,25 @@ _MAKERS = {
     "stream_stream": grpc.stream_stream_rpc_method_handler,
 }
 Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class WrappedHandlers:
+    """An interceptor's wrapped handler per method, built once: a method maps to the handler
+    it was built from and the wrapped one, rebuilt only when gRPC hands over a different
+    handler. Only methods with a handler are kept, so this holds at most the server's
+    methods."""
+
+    def __init__(self, wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]):
+        self._wrap = wrap
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def rewrapped(

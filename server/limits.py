@@ -34,7 +34,7 @@ import grpc
 
 from vaeserve.proto.inference import grpc_service_pb2 as oip_pb
 from vaeserve.proto.v1 import vaeserve_pb2 as pb
-from vaeserve.server.handlers import rewrapped, tensor_methods
+from vaeserve.server.handlers import WrappedHandlers, rewrapped, tensor_methods
 from vaeserve.server.settings import ServerSettings
 
 __all__ = ["TENSOR_METHODS", "RequestLimits", "connection_options"]
@@ -71,9 +71,7 @@ class RequestLimits(grpc.aio.ServerInterceptor):
         self.inflight_calls = 0
         self.inflight_request_bytes = 0
         self.pending_answer_bytes = 0
-        # method -> (the handler it was built from, the wrapped handler). Only methods with a
-        # handler are kept, so this holds at most the server's methods.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped = WrappedHandlers(self._wrap)
 
     def calls_refusal(self) -> str | None:
         """Why one more call is refused now (None: it is not), in the words of both
@@ -105,13 +103,7 @@ class RequestLimits(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method or ""
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(handler, handler_call_details.method or "")
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         s = self._settings

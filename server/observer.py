@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from vaeserve.server.handlers import DetachedRequest, rewrapped
+from vaeserve.server.handlers import DetachedRequest, WrappedHandlers, rewrapped
 from vaeserve.server.metrics import ServerMetrics
 
 __all__ = ["CLIENT_CODES", "RequestObserver", "UNKNOWN_MODEL", "model_name_of", "report_call"]
@@ -83,10 +83,9 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         """
         self._metrics = metrics
         self._model_label = model_label
-        # method -> (the inner handler, its wrapped handler): the inner handlers are built once
-        # per method (RequestLimits), so one wrapped handler serves every call. Only methods
-        # with a handler are kept, so this holds at most the server's methods.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # The inner handlers are built once per method (RequestLimits), so one wrapped
+        # handler serves every call.
+        self._wrapped = WrappedHandlers(self._wrap)
 
     async def intercept_service(
         self,
@@ -96,14 +95,11 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method or ""
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+        return self._wrapped.get(handler, handler_call_details.method or "")
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         rpc = method.rsplit("/", 1)[-1]
-        wrapped = rewrapped(handler, partial(self._unary, rpc), partial(self._stream, rpc))
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return rewrapped(handler, partial(self._unary, rpc), partial(self._stream, rpc))
 
     def _unary(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
